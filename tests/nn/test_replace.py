@@ -1,0 +1,160 @@
+"""replace_linear_layers on tiny transformers models: Llama, Qwen3, Qwen3-MoE, GLM-4.7-Flash (MLA + MoE).
+
+Oracle: the same transformers model with every replaced weight set to its dequantized value, run by
+transformers' own code with plain float32 nn.Linear / experts math.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import CONFIGS, build_model
+
+from metal_marlin import MetalQuantizedLinear, QuantizedExperts, replace_linear_layers
+
+ARCHS = list(CONFIGS)
+
+
+def dequantized_twin(original: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``original`` whose replaced weights hold the dequantized values of ``quantized``."""
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, mod in quantized.named_modules():
+            if isinstance(mod, MetalQuantizedLinear):
+                twin.get_submodule(name).weight.copy_(mod.dequantize_weight())
+            elif isinstance(mod, QuantizedExperts):
+                target = twin.get_submodule(name)
+                target.gate_up_proj.copy_(mod.gate_up_proj.dequantize_weight())
+                target.down_proj.copy_(mod.down_proj.dequantize_weight())
+    return twin
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, 320, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("fmt", "group_size"), [("int4", 32), ("int8", -1), ("fp4", 32), ("int3", 32)])
+def test_logits_equal_dequantized_model(arch, fmt, group_size, token_ids):
+    original = build_model(arch)
+    quantized = copy.deepcopy(original)
+    summary = replace_linear_layers(quantized, format=fmt, group_size=group_size)
+    twin = dequantized_twin(original, quantized)
+    with torch.no_grad():
+        got = quantized(token_ids).logits
+        want = twin(token_ids).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert "lm_head" in summary.kept_dense and "lm_head" not in summary.replaced
+    assert summary.bytes_after < summary.bytes_before
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("fmt", "group_size", "bound"), [("int8", 32, 0.01), ("int4", 32, 0.08)])
+def test_close_to_original_model(arch, fmt, group_size, bound, token_ids):
+    original = build_model(arch)
+    quantized = copy.deepcopy(original)
+    replace_linear_layers(quantized, format=fmt, group_size=group_size)
+    with torch.no_grad():
+        err = relative_error(quantized(token_ids).logits, original(token_ids).logits)
+    assert err < bound, f"{arch} {fmt} g{group_size}: relative logit error {err:.4f}"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe_lite"])
+def test_moe_experts_are_replaced(arch):
+    model = build_model(arch)
+    summary = replace_linear_layers(model, format="int4", group_size=32)
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    assert experts and set(experts) <= set(summary.replaced)
+    assert not any(p.dim() == 3 for p in model.parameters()), "a dense 3-D expert weight survived"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_matches_dequantized_model(arch, token_ids):
+    original = build_model(arch)
+    quantized = copy.deepcopy(original)
+    replace_linear_layers(quantized, format="int4", group_size=32)
+    twin = dequantized_twin(original, quantized)
+    prompt = token_ids[:1, :5]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(quantized.generate(prompt, **kwargs), twin.generate(prompt, **kwargs))
+
+
+def test_skip_and_layer_config():
+    model = build_model("llama")
+    summary = replace_linear_layers(
+        model, format="int4", group_size=32,
+        skip=[r"lm_head", r"\.o_proj$"],
+        layer_config={r"layers\.0\.mlp\.down_proj": {"format": "int8", "group_size": -1},
+                      r"layers\.1\.mlp\.up_proj": None},
+    )
+    assert isinstance(model.model.layers[0].self_attn.o_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, torch.nn.Linear)
+    down = model.model.layers[0].mlp.down_proj
+    assert (down.format, down.group_size) == ("int8", 160)
+    assert model.model.layers[1].mlp.down_proj.format == "int4"
+    assert "model.layers.1.mlp.up_proj" in summary.kept_dense
+    assert len(summary.replaced) == 2 * 7 - 2 - 1
+
+
+def test_bad_group_size_names_layer_and_leaves_model_untouched():
+    model = build_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # hidden size 96 is not a multiple of 128
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*not divisible by group_size=128"):
+        replace_linear_layers(model, format="int4", group_size=128)
+    assert not any(isinstance(m, MetalQuantizedLinear) for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(format="int5"), "unknown format 'int5'"),
+    (dict(format="fp4", symmetric=False), "fp4 has no asymmetric"),
+    (dict(layer_config={"q_proj": {"bits": 4}}), r"unknown keys \['bits'\]"),
+    (dict(scale_method="best"), "unknown scale_method"),
+])
+def test_bad_settings_are_clear_errors(kwargs, match):
+    model = build_model("llama")
+    with pytest.raises(ValueError, match=match):
+        replace_linear_layers(model, **{"group_size": 32, **kwargs})
+
+
+def test_state_dict_round_trip_and_repr(token_ids):
+    model = build_model("qwen3_moe")
+    replace_linear_layers(model, format="int4", group_size=32)
+    fresh = build_model("qwen3_moe", seed=5)
+    replace_linear_layers(fresh, format="int4", group_size=32)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(token_ids).logits, model(token_ids).logits)
+    text = repr(model.model.layers[0].self_attn.q_proj)
+    assert "format=int4" in text and "group_size=32" in text and "5.000 bits/weight" in text
+
+
+def test_activation_dtypes(token_ids):
+    layer = torch.nn.Linear(96, 40)
+    q = MetalQuantizedLinear.from_float(layer, "int4", group_size=32)
+    x = torch.randn(4, 96)
+    want = x.double() @ q.dequantize_weight().double().T + layer.bias.double()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):
+        got = q(x.to(dtype))
+        assert got.dtype == dtype
+        assert relative_error(got, want) < tol
+
+
+def test_forward_error_names_layer():
+    model = build_model("llama")
+    replace_linear_layers(model, format="int4", group_size=32)
+    layer = model.model.layers[1].mlp.down_proj
+    with pytest.raises(TypeError, match=r"model\.layers\.1\.mlp\.down_proj: .*float32, float16 or bfloat16"):
+        layer(torch.ones(2, 160, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: .*K=100"):
+        layer(torch.ones(2, 100))

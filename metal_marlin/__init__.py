@@ -11,7 +11,14 @@ Public API:
 Importing the package registers the custom ops ``torch.ops.metal_marlin.*``.
 """
 
-from .formats import FORMATS, GroupQuantizedWeight, QuantizedWeight, get_format, quantize_weight, register_format
+from .formats import (
+    FORMATS,
+    GroupQuantizedWeight,
+    QuantizedWeight,
+    get_format,
+    quantize_weight,
+    register_format,
+)
 from .nn import MetalQuantizedLinear, QuantizedExperts, ReplacementSummary, replace_linear_layers
 from .ops import quant_matmul
 

@@ -26,7 +26,7 @@ _ROWS_ELEMENTS_PER_CHUNK = 1 << 22
 class QuantizedWeight(ABC):
     """A quantized weight matrix ``[..., N, K]``: the format's tensors plus what is needed to read them."""
 
-    format: Format
+    format: GroupFormat
     shape: tuple[int, ...]
 
     @abstractmethod

@@ -79,7 +79,8 @@ def pin_routing(source: torch.nn.Module, target: torch.nn.Module, token_ids: tor
 @pytest.mark.parametrize("arch", ARCHS)
 # Top-1 agreement is checked at int8 only: a random model's logits are too flat for it to mean
 # anything at int4.
-@pytest.mark.parametrize(("fmt", "group_size", "bound", "min_top1"), [("int8", 32, 0.03, 0.95), ("int4", 32, 0.35, None)])
+@pytest.mark.parametrize(("fmt", "group_size", "bound", "min_top1"),
+                         [("int8", 32, 0.03, 0.95), ("int4", 32, 0.35, None)])
 def test_close_to_original_model(arch, fmt, group_size, bound, min_top1, token_ids):
     original = build_model(arch)
     quantized = copy.deepcopy(original)

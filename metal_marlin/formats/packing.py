@@ -12,21 +12,26 @@ def packed_width(k: int, bits: int) -> int:
     return k * bits // 32
 
 
+# Words are little-endian, so a word's bytes in memory order hold its codes from bit 0 upwards: packing
+# works on bytes and reinterprets them as int32 (torch runs only on little-endian hosts).
+
+
 def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``bits``-bit codes (bits in 1, 2, 4, 8), ``32 // bits`` per word, low bits first."""
-    per_word = 32 // bits
-    c = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64, device=codes.device) * bits
-    words = (c << shifts).sum(dim=-1)
-    # Reinterpret the unsigned 32-bit value as int32.
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    per_byte = 8 // bits
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_byte)
+    packed_bytes = c[..., 0].clone()
+    for i in range(1, per_byte):
+        packed_bytes |= c[..., i] << (bits * i)
+    return packed_bytes.contiguous().view(torch.int32)
 
 
 def _unpack_plane(words: torch.Tensor, bits: int) -> torch.Tensor:
-    per_word = 32 // bits
-    shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*words.shape[:-1], -1).to(torch.uint8)
+    per_byte = 8 // bits
+    packed_bytes = words.contiguous().view(torch.uint8)
+    shifts = torch.arange(per_byte, dtype=torch.uint8, device=words.device) * bits
+    codes = (packed_bytes.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*words.shape[:-1], -1)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

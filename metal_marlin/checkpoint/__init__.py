@@ -1,0 +1,1 @@
+"""Checkpoint I/O: our quantized checkpoint format and GGUF import."""

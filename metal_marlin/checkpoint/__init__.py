@@ -1,1 +1,0 @@
-"""Checkpoint I/O: our quantized checkpoint format and GGUF import."""

@@ -1,0 +1,1 @@
+"""Models: loading (our checkpoints, GGUF, transformers integration); the runtime comes later."""

@@ -7,6 +7,9 @@ Public API:
 * ``MetalQuantizedLinear``: drop-in ``nn.Linear`` with a quantized weight.
 * ``QuantizedExperts``: transformers' fused MoE experts with quantized weights.
 * ``replace_linear_layers(model, format=..., group_size=..., skip=..., layer_config=...)``.
+* ``save_quantized(model, path)`` / ``load_quantized_model(path)``: the checkpoint format; after
+  ``import metal_marlin``, ``AutoModelForCausalLM.from_pretrained(path)`` reads it too.
+* ``read_gguf(path)``: import a llama-family GGUF file.
 
 Importing the package registers the custom ops ``torch.ops.metal_marlin.*``.
 """
@@ -19,12 +22,14 @@ from .formats import (
     quantize_weight,
     register_format,
 )
+from .models import CheckpointError, load_quantized_model, read_gguf, save_quantized
 from .nn import MetalQuantizedLinear, QuantizedExperts, ReplacementSummary, replace_linear_layers
 from .ops import quant_matmul
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "FORMATS",
     "GroupQuantizedWeight",
     "MetalQuantizedLinear",
@@ -32,8 +37,11 @@ __all__ = [
     "QuantizedWeight",
     "ReplacementSummary",
     "get_format",
+    "load_quantized_model",
     "quant_matmul",
     "quantize_weight",
+    "read_gguf",
     "register_format",
     "replace_linear_layers",
+    "save_quantized",
 ]

@@ -240,7 +240,7 @@ def read_checkpoint_tensors(path: str | os.PathLike, device: str = "cpu") -> dic
     return tensors
 
 
-def _materialize_non_persistent_buffers(model: nn.Module, device: torch.device | str) -> None:
+def materialize_non_persistent_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Buffers not saved in checkpoints (rotary ``inv_freq``) are recomputed by transformers' init."""
     for module in model.modules():
         if any(b.is_meta for b in module.buffers(recurse=False)) and not any(
@@ -286,7 +286,7 @@ def load_quantized_model(path: str | os.PathLike, device: str = "cpu", dtype: to
         tensors = {k: v if k.endswith(QUANTIZED_TENSOR_SUFFIXES) or not v.is_floating_point() else v.to(dtype)
                    for k, v in tensors.items()}
     load_state_strict(model, tensors, str(path))
-    _materialize_non_persistent_buffers(model, device)
+    materialize_non_persistent_buffers(model, device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model, tokenizer

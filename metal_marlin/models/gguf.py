@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from ..formats import GroupQuantizedWeight, get_format, quantize_weight
+from ..nn import MetalQuantizedLinear
+from .checkpoint import load_state_strict, materialize_non_persistent_buffers
 
 LLAMA_TENSOR_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -217,3 +219,31 @@ def read_gguf(path: str, on_unsupported: str = "requantize") -> GGUFModel:
         model.tensors[hf] = value
         model.source_types[hf] = qtype
     return model
+
+
+def build_model_from_gguf(gguf_model: GGUFModel, device: str = "cpu"):
+    """A transformers model holding the GGUF's weights: quantized matrices as ``MetalQuantizedLinear``
+    (no requantization), embeddings and norms dense float32."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    dense: dict[str, torch.Tensor] = {}
+    for name, value in gguf_model.tensors.items():
+        module_name = name.rpartition(".")[0]
+        if isinstance(value, GroupQuantizedWeight) and module_name in linear_names:
+            layer = MetalQuantizedLinear.from_quantized(value.to(device), name=module_name)
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+        else:
+            dense[name] = (value.dequantize() if isinstance(value, GroupQuantizedWeight) else value.float()).to(device)
+    load_state_strict(model, dense, gguf_model.path)
+    materialize_non_persistent_buffers(model, device)
+    return model.eval()
+
+
+def load_gguf_model(path: str, device: str = "cpu", on_unsupported: str = "requantize"):
+    """``(model, tokenizer)`` from a llama-family GGUF file."""
+    gguf_model = read_gguf(path, on_unsupported=on_unsupported)
+    return build_model_from_gguf(gguf_model, device), gguf_model.tokenizer()

@@ -1,4 +1,8 @@
-"""The ``metal-marlin`` command: parses arguments and calls the library."""
+"""The ``metal-marlin`` command: parses arguments and calls the library.
+
+MODEL is a metal-marlin checkpoint directory, a GGUF file, a transformers model directory, a hub id
+(when online), or omitted for the embedded default (SmolLM2-135M-Instruct Q4_1).
+"""
 
 from __future__ import annotations
 
@@ -7,36 +11,178 @@ import sys
 
 import torch
 
+MODEL_HELP = "checkpoint dir, GGUF file, transformers dir or hub id (default: embedded SmolLM2-135M-Instruct)"
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+
+def _load(args: argparse.Namespace):
+    from .models.loading import load_model
+
+    return load_model(args.model)
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.temperature == 0:
+        return dict(max_new_tokens=args.max_tokens, do_sample=False)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    return dict(max_new_tokens=args.max_tokens, do_sample=True, temperature=args.temperature, top_p=args.top_p)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .formats import get_format
+    from .models import save_quantized
+    from .models.checkpoint import check_output_dir
+    from .nn import dequantize_model, replace_linear_layers
+
+    fmt = get_format(args.format, args.bits)
+    check_output_dir(args.out, args.overwrite)
+    model, tokenizer = _load(args)
+    dequantize_model(model)
+    summary = replace_linear_layers(model, format=fmt.name, group_size=args.group_size, symmetric=args.symmetric,
+                                    skip=args.skip, scale_method=args.scale_method, progress=True)
+    quantizer = {"method": "rtn", "scale_method": args.scale_method, "source": args.model or "embedded-default"}
+    save_quantized(model, args.out, tokenizer, quantizer=quantizer, overwrite=args.overwrite)
+    print(f"{summary}\nwrote {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    model, tokenizer = _load(args)
+    kwargs = _generation_kwargs(args)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if args.stream:
+        model.generate(ids, streamer=TextStreamer(tokenizer), pad_token_id=tokenizer.eos_token_id, **kwargs)
+    else:
+        out = model.generate(ids, pad_token_id=tokenizer.eos_token_id, **kwargs)
+        print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    model, tokenizer = _load(args)
+    kwargs = _generation_kwargs(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("chat: type a message; Ctrl-D or /exit ends the session.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        out = model.generate(ids, streamer=streamer, pad_token_id=tokenizer.eos_token_id, **kwargs)
+        messages.append({"role": "assistant",
+                         "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import load_corpus, perplexity
+
+    text = load_corpus(args.text)
+    model, tokenizer = _load(args)
+    result = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                        batch_size=args.batch_size, progress=True)
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}, {result.n_windows} windows of "
+          f"{args.seq_len} tokens, {result.n_targets} targets)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .models.info import describe
+
+    print(describe(args.path))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    torch.set_num_threads(args.threads)
-    rows = run_demo(seq_len=args.seq_len)
-    print(f"{'format':<8}{'group':>6}{'MiB':>8}{'smaller':>9}{'logit err':>11}{'top-1 agree':>13}{'ms':>8}")
-    for r in rows:
-        group = "chan" if r.group_size == -1 else str(r.group_size)
-        print(f"{r.format:<8}{group:>6}{r.mib:>8.2f}{r.compression:>8.2f}x{r.logit_rel_error:>11.4f}"
-              f"{r.top1_agreement:>13.3f}{r.forward_ms:>8.1f}")
+    run_demo(max_tokens=args.max_tokens, print_fn=print)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metal-marlin", description="Low-bit quantized LLM inference.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize a small Llama built from a config with every format and "
-                                       "compare its logits with the float32 model")
-    demo.add_argument("--seq-len", type=int, default=64)
-    demo.add_argument("--threads", type=int, default=torch.get_num_threads())
-    demo.set_defaults(func=_cmd_demo)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quantize", help="quantize a model and save a metal-marlin checkpoint")
+    p.add_argument("model", metavar="MODEL", help="checkpoint dir, GGUF file, transformers dir or hub id")
+    p.add_argument("out", metavar="OUT", help="output checkpoint directory")
+    p.add_argument("--format", default="int4", help="int2, int3, int4, int8, fp4, fp8 (or a family with --bits)")
+    p.add_argument("--bits", type=int, default=None, help="bit width when --format names a family (int, fp)")
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, ... or -1 for per-channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    p.add_argument("--scale-method", default="mse", choices=["mse", "absmax"])
+    p.add_argument("--skip", nargs="*", default=[r"(^|\.)lm_head$"], metavar="REGEX",
+                   help="module names (regex search) kept dense; default: lm_head")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at OUT")
+    p.set_defaults(func=cmd_quantize)
+
+    def add_sampling(q: argparse.ArgumentParser, max_tokens: int) -> None:
+        q.add_argument("--max-tokens", type=int, default=max_tokens)
+        q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        q.add_argument("--top-p", type=float, default=1.0)
+        q.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("generate", help="complete a prompt")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--prompt", required=True)
+    add_sampling(p, 64)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat using the tokenizer's chat template")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling(p, 256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="perplexity on a text file (default: the gensim lee_background corpus)")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--text", default=None, help="text file (default: gensim's lee_background.cor)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="format summary, bytes and bits per weight of a checkpoint or GGUF file")
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="import the embedded model, quantize it, compare perplexity, generate")
+    p.add_argument("--max-tokens", type=int, default=2048, help="corpus tokens scored per model")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except KeyboardInterrupt:
+        print("metal-marlin: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"metal-marlin: error: {err}", file=sys.stderr)
         return 1
 

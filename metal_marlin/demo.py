@@ -1,58 +1,45 @@
-"""Quantize-and-compare demo on a small Llama built from a config (no downloads)."""
+"""The README's main job: import the embedded SmolLM2 GGUF, requantize it, compare perplexity, generate."""
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import torch
+from .eval import load_corpus, perplexity
+from .models.loading import embedded_model_path, load_model
+from .nn import dequantize_model, replace_linear_layers
 
-from .nn import replace_linear_layers
-
-DEMO_SETTINGS = (
-    ("int8", -1), ("int8", 32), ("fp8", 32), ("int4", 128), ("int4", 32), ("fp4", 32), ("int3", 32), ("int2", 32),
-)
-
-
-@dataclass
-class DemoRow:
-    format: str
-    group_size: int
-    mib: float
-    compression: float
-    logit_rel_error: float
-    top1_agreement: float
-    forward_ms: float
+DEMO_FORMATS = (("int8", 32), ("int4", 128), ("fp4", 32), ("int3", 32))
+PROMPT = "The capital of France is"
 
 
-def demo_model(seed: int = 0) -> torch.nn.Module:
-    """A 4-layer Llama (hidden 512, MLP 1408, GQA 8/2 heads) with random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
-
-
-def run_demo(seq_len: int = 64, seed: int = 0) -> list[DemoRow]:
-    """Quantize the demo model with each format and compare its logits with the float32 model's."""
-    model = demo_model(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ref = model(ids).logits.double()
+def run_demo(max_tokens: int = 2048, print_fn: Callable[[str], None] = print) -> list[tuple[str, float, float]]:
+    """Returns ``(name, bits per weight, perplexity)`` rows, printing progress and a table."""
+    path = embedded_model_path()
+    start = time.perf_counter()
+    gguf_model, tokenizer = load_model(str(path))
+    print_fn(f"imported {path.name} in {time.perf_counter() - start:.1f} s (Q4_1 -> int4 asym g32, no requantization)")
+    text = load_corpus()
+    dense = copy.deepcopy(gguf_model)
+    dequantize_model(dense)
+    models = [("gguf Q4_1 as int4-asym g32", gguf_model, 5.0), ("fp32 (dequantized)", dense, 32.0)]
+    for fmt, group in DEMO_FORMATS:
+        model = copy.deepcopy(dense)
+        summary = replace_linear_layers(model, format=fmt, group_size=group)
+        bits = 8 * summary.bytes_after / (summary.bytes_before / 4)
+        models.append((f"{fmt} g{group}", model, bits))
     rows = []
-    for fmt, group_size in DEMO_SETTINGS:
-        quantized = copy.deepcopy(model)
-        summary = replace_linear_layers(quantized, format=fmt, group_size=group_size)
-        with torch.no_grad():
-            start = time.perf_counter()
-            got = quantized(ids).logits.double()
-            elapsed = time.perf_counter() - start
-        rows.append(DemoRow(
-            fmt, group_size, summary.bytes_after / 2**20, summary.compression,
-            ((got - ref).norm() / ref.norm()).item(),
-            (got.argmax(-1) == ref.argmax(-1)).double().mean().item(), 1e3 * elapsed,
-        ))
+    print_fn(f"\nperplexity on the first {max_tokens} tokens of the default corpus (seq 512):")
+    print_fn(f"{'model':<28}{'bits/w':>8}{'ppl':>10}{'s':>7}")
+    for name, model, bits in models:
+        start = time.perf_counter()
+        ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens).perplexity
+        print_fn(f"{name:<28}{bits:>8.2f}{ppl:>10.3f}{time.perf_counter() - start:>7.1f}")
+        rows.append((name, bits, ppl))
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    out = gguf_model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    print_fn(f"\ngreedy, imported model: {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
     return rows
+
+

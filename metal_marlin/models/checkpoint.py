@@ -146,6 +146,20 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
                                                    indent=2))
 
 
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output path that holds a checkpoint (unless ``overwrite``) or any other content."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: exists and is not a directory")
+        if _is_checkpoint_dir(path):
+            if not overwrite:
+                raise CheckpointError(f"{path}: already holds a checkpoint (pass overwrite=True / --overwrite)")
+        elif any(path.iterdir()):
+            raise CheckpointError(f"{path}: is a non-empty directory that is not a checkpoint; refusing to replace it")
+    return path
+
+
 def save_quantized(
     model: nn.Module,
     path: str | os.PathLike,
@@ -161,15 +175,7 @@ def save_quantized(
     ``path`` is refused unless ``overwrite``; a non-empty directory that is not a checkpoint is
     always refused.
     """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: exists and is not a directory")
-        if _is_checkpoint_dir(path):
-            if not overwrite:
-                raise CheckpointError(f"{path}: already holds a checkpoint (pass overwrite=True / --overwrite)")
-        elif any(path.iterdir()):
-            raise CheckpointError(f"{path}: is a non-empty directory that is not a checkpoint; refusing to replace it")
+    path = check_output_dir(path, overwrite)
     qconfig = build_quantization_config(model, quantizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

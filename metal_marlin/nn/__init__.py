@@ -1,16 +1,19 @@
 """Quantized drop-in modules and the in-place model rewriter."""
 
 from .buffers import QuantizedWeightBuffers
-from .experts import QuantizedExperts
+from .experts import DenseExperts, GroupedExperts, QuantizedExperts
 from .linear import MetalQuantizedLinear
-from .replace import DEFAULT_SKIP, ReplacementSummary, is_fused_experts, replace_linear_layers
+from .replace import DEFAULT_SKIP, ReplacementSummary, dequantize_model, is_fused_experts, replace_linear_layers
 
 __all__ = [
     "DEFAULT_SKIP",
+    "DenseExperts",
+    "GroupedExperts",
     "MetalQuantizedLinear",
     "QuantizedExperts",
     "QuantizedWeightBuffers",
     "ReplacementSummary",
+    "dequantize_model",
     "is_fused_experts",
     "replace_linear_layers",
 ]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..formats import get_format, resolve_group_size
-from .experts import QuantizedExperts
+from .experts import DenseExperts, QuantizedExperts
 from .linear import MetalQuantizedLinear
 
 # Embeddings are not nn.Linear and are never touched; the output head is kept dense by default
@@ -132,3 +132,23 @@ def replace_linear_layers(
             setattr(model.get_submodule(parent_name), child, new)
             summary.replaced.append(name)
     return summary
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every quantized module of ``model`` by its dense float32 equivalent, in place (the inverse
+    of ``replace_linear_layers`` up to rounding). Returns the number of modules replaced."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (MetalQuantizedLinear, QuantizedExperts))]
+    for name, mod in targets:
+        if isinstance(mod, MetalQuantizedLinear):
+            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                              device=mod.packed.device)
+            with torch.no_grad():
+                dense.weight.copy_(mod.dequantize_weight())
+                if mod.bias is not None:
+                    dense.bias.copy_(mod.bias)
+        else:
+            dense = DenseExperts(mod.gate_up_proj.dequantize_weight(), mod.down_proj.dequantize_weight(), mod.act_fn,
+                                 name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, dense)
+    return len(targets)

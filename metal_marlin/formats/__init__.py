@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import GroupFormat, GroupQuantizedWeight, QuantizedWeight, resolve_group_size
+from .base import GroupFormat, GroupQuantizedWeight, QuantizedWeight, n_groups, resolve_group_size
 from .fp4 import FP4
 from .fp8 import FP8
 from .integer import INT2, INT3, INT4, INT8
@@ -69,6 +69,7 @@ __all__ = [
     "GroupQuantizedWeight",
     "QuantizedWeight",
     "get_format",
+    "n_groups",
     "quantize_weight",
     "register_format",
     "resolve_group_size",

@@ -90,9 +90,11 @@ class GroupQuantizedWeight(QuantizedWeight):
 
 
 def resolve_group_size(group_size: int, k: int, name: str = "weight") -> int:
-    """The actual group length: ``-1`` means per-channel (one group per row of length K)."""
+    """The actual group length: ``-1`` means per-channel (one group per row of length K). A group size
+    that does not divide K leaves a shorter last group (docs/formats.md)."""
     if k % PACK_BLOCK:
-        raise ValueError(f"{name}: in_features K={k} must be a multiple of {PACK_BLOCK}")
+        raise ValueError(f"{name}: in_features K={k} is not divisible by the {PACK_BLOCK}-weight packing block "
+                         f"(group_size={group_size} needs K to be a multiple of {PACK_BLOCK})")
     if group_size == -1:
         return k
     if group_size <= 0 or group_size % PACK_BLOCK:
@@ -100,9 +102,11 @@ def resolve_group_size(group_size: int, k: int, name: str = "weight") -> int:
             f"{name}: group_size={group_size} is not supported (use 32, 64, 128, another multiple of "
             f"{PACK_BLOCK}, or -1 for per-channel)"
         )
-    if k % group_size:
-        raise ValueError(f"{name}: in_features K={k} is not divisible by group_size={group_size}")
-    return group_size
+    return min(group_size, k)
+
+
+def n_groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
 
 
 def _round_to_fp16(t: torch.Tensor, what: str, name: str) -> torch.Tensor:
@@ -196,11 +200,24 @@ class GroupFormat(ABC):
         return GroupQuantizedWeight(self, tuple(w.shape), packed, scales, offsets, g)
 
     def _quantize_rows(self, rows: torch.Tensor, g: int, symmetric: bool, scale_method: str, name: str):
-        wg = rows.reshape(rows.shape[0], -1, g)
+        """Codes ``[R, K]`` and per-group scales (and offsets) ``[R, ceil(K/g)]``; a shorter last group
+        is quantized on its own."""
+        k = rows.shape[1]
+        full = (k // g) * g
+        parts = [self._quantize_groups(rows[:, :full].reshape(rows.shape[0], -1, g), symmetric, scale_method, name)]
+        if full < k:
+            parts.append(self._quantize_groups(rows[:, full:].unsqueeze(1), symmetric, scale_method, name))
+        codes = torch.cat([p[0].reshape(rows.shape[0], -1) for p in parts], dim=1)
+        scales = torch.cat([p[1] for p in parts], dim=1)
+        offsets = None if symmetric else torch.cat([p[2] for p in parts], dim=1)
+        return codes, scales, offsets
+
+    def _quantize_groups(self, wg: torch.Tensor, symmetric: bool, scale_method: str, name: str):
+        """Round-to-nearest of groups ``wg [R, G, g]`` with the documented scale search."""
         shrink = MSE_SHRINK_FACTORS if scale_method == "mse" else (1.0,)
         if symmetric:
             amax = wg.abs().amax(dim=-1)
-            table = self.code_values().to(device=rows.device, dtype=torch.float32)
+            table = self.code_values().to(device=wg.device, dtype=torch.float32)
         else:
             lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
             mid, half = (lo + hi) / 2, (hi - lo) / 2
@@ -230,4 +247,4 @@ class GroupFormat(ABC):
             if o is not None:
                 best[3] = torch.where(better, o, best[3])
         _, codes, s, o = best
-        return codes.reshape(rows.shape[0], -1).to(torch.uint8), s, o
+        return codes.to(torch.uint8), s, o

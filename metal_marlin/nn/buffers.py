@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import GroupQuantizedWeight, get_format, resolve_group_size
+from ..formats import GroupQuantizedWeight, get_format, n_groups, resolve_group_size
 
 
 class QuantizedWeightBuffers(nn.Module):
@@ -34,7 +34,7 @@ class QuantizedWeightBuffers(nn.Module):
         if not self.symmetric and not fmt.supports_asymmetric:
             raise ValueError(f"{name or type(self).__name__}: format {fmt.name} has no asymmetric variant")
         *lead, n, k = shape
-        scale_shape = (*lead, n, k // self.group_size)
+        scale_shape = (*lead, n, n_groups(k, self.group_size))
         self.register_buffer("packed", torch.zeros(*lead, *fmt.packed_shape(n, k), dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(scale_shape, dtype=torch.float16, device=device))
         offsets = None if self.symmetric else torch.zeros(scale_shape, dtype=torch.float16, device=device)

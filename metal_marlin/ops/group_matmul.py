@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ..formats import FORMATS, GroupQuantizedWeight, get_format
+from ..formats import FORMATS, GroupQuantizedWeight, get_format, n_groups
+from ..formats.packing import PACK_BLOCK
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,11 +39,12 @@ def check_quant_matmul_args(
             f"quant_matmul: x has K={k} input features but packed {tuple(packed.shape)} holds "
             f"{packed.shape[1] * 32 // fmt.bits} {format} codes per row"
         )
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"quant_matmul: K={k} is not divisible by group_size={group_size}")
-    if scales.dtype != torch.float16 or tuple(scales.shape) != (n, k // group_size):
+    if group_size <= 0 or group_size % PACK_BLOCK:
+        raise ValueError(f"quant_matmul: group_size={group_size} must be a positive multiple of {PACK_BLOCK}")
+    groups = n_groups(k, group_size)
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (n, groups):
         raise ValueError(
-            f"quant_matmul: scales must be float16 of shape {(n, k // group_size)}, "
+            f"quant_matmul: scales must be float16 of shape {(n, groups)}, "
             f"got {scales.dtype} {tuple(scales.shape)}"
         )
     if offsets is not None:

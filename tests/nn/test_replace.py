@@ -131,15 +131,31 @@ def test_skip_and_layer_config():
     assert len(summary.replaced) == 2 * 7 - 2 - 1
 
 
-def test_bad_group_size_names_layer_and_leaves_model_untouched():
+@pytest.mark.parametrize(("group_size", "match"), [
+    (48, r"model\.layers\.0\.self_attn\.q_proj: group_size=48 is not supported"),
+    (32, r"model\.layers\.1\.mlp\.odd: in_features K=100 is not divisible by the 32-weight packing block"),
+])
+def test_bad_group_size_names_layer_and_leaves_model_untouched(group_size, match):
     model = build_model("llama")
+    model.model.layers[1].mlp.odd = torch.nn.Linear(100, 8)  # visited by the rewriter, unused by forward
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # hidden size 96 is not a multiple of 128
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*not divisible by group_size=128"):
-        replace_linear_layers(model, format="int4", group_size=128)
+    with pytest.raises(ValueError, match=match):
+        replace_linear_layers(model, format="int4", group_size=group_size)
     assert not any(isinstance(m, MetalQuantizedLinear) for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_group_size_larger_than_some_rows_uses_a_short_last_group(token_ids):
+    # hidden 96 with group 64: groups of 64 + 32 along K (docs/formats.md)
+    original = build_model("llama")
+    quantized = copy.deepcopy(original)
+    replace_linear_layers(quantized, format="int4", group_size=64)
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    assert q_proj.scales.shape == (96, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(token_ids).logits, dequantized_twin(original, quantized)(token_ids).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

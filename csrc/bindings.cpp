@@ -1,5 +1,206 @@
+// metal_marlin._core: the C++ kernels as a nanobind module. Tensors arrive through DLPack; this
+// file checks every argument (dtype, shape, format) with an error that names it, then runs the
+// kernel with the GIL released.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <string>
+
+#include "common/formats.h"
+#include "cpu/kernels.h"
+
 namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace mm = metal_marlin;
+
+namespace {
+
+// Not convertible: a non-contiguous or non-CPU tensor is rejected instead of silently copied (a
+// copy of `out` would swallow the result, a copy of the weights would cost a full read per call).
+using Tensor = nb::ndarray<nb::device::cpu, nb::c_contig>;
+
+std::string dtype_name(nb::dlpack::dtype dt) {
+  using Code = nb::dlpack::dtype_code;
+  std::string prefix;
+  switch (Code(dt.code)) {
+    case Code::Int: prefix = "int"; break;
+    case Code::UInt: prefix = "uint"; break;
+    case Code::Float: prefix = "float"; break;
+    case Code::Bfloat: prefix = "bfloat"; break;
+    case Code::Complex: prefix = "complex"; break;
+    case Code::Bool: return "bool";
+    default: prefix = "dtype" + std::to_string(int(dt.code)) + "_"; break;
+  }
+  return prefix + std::to_string(int(dt.bits));
+}
+
+bool has_dtype(const Tensor& t, nb::dlpack::dtype_code code, int bits) {
+  const nb::dlpack::dtype dt = t.dtype();
+  return dt.code == uint8_t(code) && dt.bits == bits && dt.lanes == 1;
+}
+
+std::optional<mm::DType> float_dtype(const Tensor& t) {
+  using Code = nb::dlpack::dtype_code;
+  if (has_dtype(t, Code::Float, 32)) return mm::DType::kFloat32;
+  if (has_dtype(t, Code::Float, 16)) return mm::DType::kFloat16;
+  if (has_dtype(t, Code::Bfloat, 16)) return mm::DType::kBFloat16;
+  return std::nullopt;
+}
+
+const char* float_dtype_name(mm::DType dtype) {
+  switch (dtype) {
+    case mm::DType::kFloat32: return "float32";
+    case mm::DType::kFloat16: return "float16";
+    case mm::DType::kBFloat16: break;
+  }
+  return "bfloat16";
+}
+
+std::string shape_string(const Tensor& t) {
+  std::string s = "(";
+  for (size_t i = 0; i < t.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(t.shape(i));
+  }
+  return s + (t.ndim() == 1 ? ",)" : ")");
+}
+
+std::string shape_string(std::initializer_list<int64_t> shape) {
+  std::string s = "(";
+  for (auto it = shape.begin(); it != shape.end(); ++it) {
+    if (it != shape.begin()) s += ", ";
+    s += std::to_string(*it);
+  }
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+[[noreturn]] void value_error(const char* fn, const std::string& message) {
+  throw nb::value_error((std::string(fn) + ": " + message).c_str());
+}
+
+[[noreturn]] void type_error(const char* fn, const std::string& message) {
+  throw nb::type_error((std::string(fn) + ": " + message).c_str());
+}
+
+void check_shape(const char* fn, const char* name, const Tensor& t, std::initializer_list<int64_t> shape) {
+  bool same = t.ndim() == shape.size();
+  size_t i = 0;
+  for (auto it = shape.begin(); same && it != shape.end(); ++it, ++i) same = int64_t(t.shape(i)) == *it;
+  if (!same) value_error(fn, std::string(name) + " must have shape " + shape_string(shape) + ", got " + shape_string(t));
+}
+
+void check_dtype(const char* fn, const char* name, const Tensor& t, nb::dlpack::dtype_code code, int bits,
+                 const char* expected) {
+  if (!has_dtype(t, code, bits)) {
+    type_error(fn, std::string(name) + " must be " + expected + ", got " + dtype_name(t.dtype()));
+  }
+}
+
+mm::Format parse_format(const char* fn, const std::string& name) {
+  if (auto format = mm::parse_format(name)) return *format;
+  value_error(fn, "unknown format '" + name + "'; expected one of int2, int3, int4, int8, fp4, fp8");
+}
+
+// Checks and wraps (packed, scales, offsets) for a weight of `k` in-features.
+mm::QuantizedMatrix quantized_matrix(const char* fn, mm::Format format, int64_t k, int64_t group_size,
+                                     const Tensor& packed, const Tensor& scales, const Tensor& offsets) {
+  using Code = nb::dlpack::dtype_code;
+  const int bits = mm::format_bits(format);
+  check_dtype(fn, "packed", packed, Code::Int, 32, "int32");
+  if (packed.ndim() != 2) value_error(fn, "packed must be 2-D [N, K*bits/32], got shape " + shape_string(packed));
+  const int64_t n = int64_t(packed.shape(0));
+  if (int64_t(packed.shape(1)) * 32 != k * bits) {
+    value_error(fn, "packed has " + std::to_string(packed.shape(1)) + " words per row but K=" + std::to_string(k) +
+                        " " + mm::format_name(format) + " codes need " + std::to_string(k * bits / 32.0));
+  }
+  if (group_size <= 0 || group_size % mm::kBlockCodes != 0 || k % group_size != 0) {
+    value_error(fn, "group_size=" + std::to_string(group_size) + " must be a positive multiple of 32 that divides K=" +
+                        std::to_string(k));
+  }
+  check_dtype(fn, "scales", scales, Code::Float, 16, "float16");
+  check_shape(fn, "scales", scales, {n, k / group_size});
+  if (offsets.is_valid()) {
+    if (!mm::format_is_integer(format)) {
+      value_error(fn, std::string("format ") + mm::format_name(format) + " takes no offsets (pass None)");
+    }
+    check_dtype(fn, "offsets", offsets, Code::Float, 16, "float16");
+    check_shape(fn, "offsets", offsets, {n, k / group_size});
+  }
+  return mm::QuantizedMatrix{format,
+                             n,
+                             k,
+                             group_size,
+                             static_cast<const uint32_t*>(packed.data()),
+                             static_cast<const uint16_t*>(scales.data()),
+                             offsets.is_valid() ? static_cast<const uint16_t*>(offsets.data()) : nullptr};
+}
+
+void quant_matmul(const Tensor& x, const Tensor& packed, const Tensor& scales, const Tensor& offsets,
+                  const Tensor& bias, const Tensor& out, const std::string& format_name, int64_t group_size,
+                  int n_threads) {
+  constexpr const char* fn = "quant_matmul";
+  const mm::Format format = parse_format(fn, format_name);
+  const std::optional<mm::DType> dtype = float_dtype(x);
+  if (!dtype) type_error(fn, "x must be float32, float16 or bfloat16, got " + dtype_name(x.dtype()));
+  if (x.ndim() != 2) value_error(fn, "x must be 2-D [M, K], got shape " + shape_string(x));
+  const int64_t m = int64_t(x.shape(0));
+  const int64_t k = int64_t(x.shape(1));
+  const mm::QuantizedMatrix w = quantized_matrix(fn, format, k, group_size, packed, scales, offsets);
+  if (bias.is_valid()) {
+    if (float_dtype(bias) != dtype) {
+      type_error(fn, std::string("bias must have x's dtype ") + float_dtype_name(*dtype) + ", got " + dtype_name(bias.dtype()));
+    }
+    check_shape(fn, "bias", bias, {w.n});
+  }
+  if (float_dtype(out) != dtype) {
+    type_error(fn, std::string("out must have x's dtype ") + float_dtype_name(*dtype) + ", got " + dtype_name(out.dtype()));
+  }
+  check_shape(fn, "out", out, {m, w.n});
+  if (n_threads < 1) value_error(fn, "n_threads must be >= 1, got " + std::to_string(n_threads));
+
+  const mm::cpu::MatmulArgs args{w, x.data(), *dtype, m, bias.is_valid() ? bias.data() : nullptr, out.data(), n_threads};
+  nb::gil_scoped_release release;
+  mm::cpu::quant_matmul(args);
+}
+
+void dequantize(const Tensor& packed, const Tensor& scales, const Tensor& offsets, const Tensor& out,
+                const std::string& format_name, int64_t group_size) {
+  constexpr const char* fn = "dequantize";
+  const mm::Format format = parse_format(fn, format_name);
+  check_dtype(fn, "out", out, nb::dlpack::dtype_code::Float, 32, "float32");
+  if (out.ndim() != 2) value_error(fn, "out must be 2-D [N, K], got shape " + shape_string(out));
+  const mm::QuantizedMatrix w = quantized_matrix(fn, format, int64_t(out.shape(1)), group_size, packed, scales, offsets);
+  check_shape(fn, "out", out, {w.n, w.k});
+  float* dst = static_cast<float*>(out.data());
+  nb::gil_scoped_release release;
+  mm::cpu::dequantize(w, dst);
+}
+
+}  // namespace
+
 NB_MODULE(_core, m) {
+  m.doc() = "metal-marlin C++ kernels (CPU)";
+
   m.def("build_info", []() { return "cpu"; });
+
+  m.def("simd_level", &mm::cpu::simd_level,
+        "The CPU kernel path picked for this machine: 'avx2' or 'scalar' (forced by "
+        "METAL_MARLIN_CPU_SIMD=scalar).");
+
+  m.def("quant_matmul", &quant_matmul, "x"_a.noconvert(), "packed"_a.noconvert(), "scales"_a.noconvert(),
+        "offsets"_a.noconvert().none(), "bias"_a.noconvert().none(), "out"_a.noconvert(), "format"_a,
+        "group_size"_a, "n_threads"_a,
+        "out = x @ dequant(W).T + bias, fused. x [M, K] float32/float16/bfloat16; packed int32 "
+        "[N, K*bits/32]; scales (and offsets, integer formats only) float16 [N, K/group_size]; bias "
+        "None or [N] and out [M, N] in x's dtype. group_size is the group length (K for "
+        "per-channel). Every element of out is written. Runs on n_threads threads.");
+
+  m.def("dequantize", &dequantize, "packed"_a.noconvert(), "scales"_a.noconvert(), "offsets"_a.noconvert().none(),
+        "out"_a.noconvert(), "format"_a, "group_size"_a,
+        "Writes the dense float32 weight W [N, K] described by (packed, scales, offsets) into out.");
 }

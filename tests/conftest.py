@@ -60,14 +60,15 @@ def values(fmt: str, u: np.ndarray, symmetric: bool) -> np.ndarray:
     return (u - 2 ** (SPEC_BITS[fmt] - 1)).astype(np.float64) if symmetric else u.astype(np.float64)
 
 
-def dequant(fmt: str, packed, scales, offsets, k: int) -> np.ndarray:
-    """float64 ``W`` [..., N, K] from the stored tensors (``w = s*v`` or ``w = s*u + o``)."""
+def dequant(fmt: str, packed, scales, offsets, k: int, group_size: int) -> np.ndarray:
+    """float64 ``W`` [..., N, K] from the stored tensors (``w = s*v`` or ``w = s*u + o``); weight ``k``
+    is in group ``k // group_size`` (the last group may be shorter)."""
     u = codes(packed, SPEC_BITS[fmt], k)
-    g = k // scales.shape[-1]
-    s = np.repeat(scales.numpy().astype(np.float64), g, axis=-1)
-    w = s * values(fmt, u, offsets is None)
+    group = np.arange(k) // group_size
+    assert scales.shape[-1] == group[-1] + 1, "scales must have ceil(K / group_size) columns"
+    w = scales.numpy().astype(np.float64)[..., group] * values(fmt, u, offsets is None)
     if offsets is not None:
-        w = w + np.repeat(offsets.numpy().astype(np.float64), g, axis=-1)
+        w = w + offsets.numpy().astype(np.float64)[..., group]
     return w
 
 

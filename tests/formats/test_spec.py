@@ -39,7 +39,7 @@ def spec_pack(codes: np.ndarray, bits: int) -> torch.Tensor:
 
 
 def test_registry_is_the_spec_table(spec):
-    assert sorted(mm.FORMATS) == sorted(ALL_FORMATS)
+    assert sorted(mm.FORMATS) == sorted(ALL_FORMATS), "a new format needs its spec and its tests here"
     for name, fmt in mm.FORMATS.items():
         assert fmt.bits == spec.bits[name]
 
@@ -108,8 +108,11 @@ def test_known_words(name, row, words):
 DEQ_CASES = [(n, True) for n in ALL_FORMATS] + [(n, False) for n in ("int2", "int3", "int4", "int8")]
 
 
+# (shape, group_size): 32/64/128, per-channel (group = K), stacks, and a shorter last group when the
+# group size does not divide K (576 = 4*128 + 64; 320 = 256 + 64; 96 = 64 + 32; 64 < 128: one group)
 @pytest.mark.parametrize("shape,group_size", [((6, 384), 32), ((6, 384), 64), ((5, 384), 128),
-                                             ((4, 320), 320), ((3, 4, 256), 64)], ids=str)
+                                             ((4, 320), 320), ((3, 4, 256), 64), ((4, 576), 128),
+                                             ((3, 320), 256), ((2, 3, 96), 64), ((3, 64), 128)], ids=str)
 @pytest.mark.parametrize("name,symmetric", DEQ_CASES)
 def test_dequantize_is_the_spec_formula(name, symmetric, shape, group_size, spec):
     """Tolerance: symmetric values ``s * v`` are exact in float32 (an 11-bit fp16 significand times an
@@ -119,15 +122,16 @@ def test_dequantize_is_the_spec_formula(name, symmetric, shape, group_size, spec
     fmt = mm.FORMATS[name]
     k = shape[-1]
     u = random_codes(name, shape, fmt.bits)
-    gshape = (*shape[:-1], k // group_size)
+    gshape = (*shape[:-1], -(-k // group_size))
     scales = (torch.randn(gshape) * 0.1).half()
-    scales[..., 0] = torch.tensor([65504.0, 2.0**-24])[torch.arange(scales[..., 0].numel()) % 2].reshape(
-        scales[..., 0].shape).half()  # extremes of float16: largest normal, smallest subnormal
+    rows = scales.view(-1, gshape[-1])  # extremes of float16: largest normal, smallest subnormal
+    rows[0::2, 0] = 65504.0
+    rows[1::2, 0] = 2.0**-24
     offsets = None if symmetric else (torch.randn(gshape) * 0.5).half()
     qw = mm.GroupQuantizedWeight(fmt, tuple(shape), fmt.pack(u), scales, offsets, group_size)
     got = qw.dequantize()
     assert got.dtype == torch.float32 and tuple(got.shape) == tuple(shape)
-    ref = spec.dequant(name, qw.packed, scales, offsets, k)
+    ref = spec.dequant(name, qw.packed, scales, offsets, k, group_size)
     assert np.isfinite(ref).all()
     got64 = got.double().numpy()
     if symmetric:
@@ -175,5 +179,5 @@ def test_stack_indexing_is_one_matrix(spec):
     qw = mm.GroupQuantizedWeight(fmt, (3, 4, 64), fmt.pack(u), scales, offsets, 32)
     for e in range(3):
         np.testing.assert_allclose(qw[e].dequantize().double().numpy(),
-                                   spec.dequant("int3", qw.packed[e], scales[e], offsets[e], 64),
+                                   spec.dequant("int3", qw.packed[e], scales[e], offsets[e], 64, 32),
                                    rtol=2.0**-24, atol=0)

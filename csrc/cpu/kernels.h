@@ -1,0 +1,79 @@
+// The CPU quantized-matmul kernels: out = x @ dequant(W).T + bias, fused (W is decoded a block or a
+// tile at a time, never materialised), plus a full dequantize for tests and export.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/dtypes.h"
+#include "common/quantized_matrix.h"
+
+namespace metal_marlin::cpu {
+
+struct MatmulArgs {
+  QuantizedMatrix w;
+  const void* x;      // [m, w.k] of `dtype`
+  DType dtype;        // of x, out and bias
+  int64_t m;
+  const void* bias;   // [w.n] of `dtype`, or nullptr
+  void* out;          // [m, w.n] of `dtype`; every element is written
+  int n_threads;      // >= 1
+};
+
+// Entry points: pick the best path for this machine.
+void quant_matmul(const MatmulArgs& args);
+void dequantize(const QuantizedMatrix& w, float* out);  // out: [n, k] float32
+const char* simd_level();                                // "avx2" or "scalar"
+
+// The paths themselves (the AVX2 ones exist only on x86 and need avx2, fma and f16c).
+void quant_matmul_scalar(const MatmulArgs& args);
+void dequantize_scalar(const QuantizedMatrix& w, float* out);
+void quant_matmul_avx2(const MatmulArgs& args);
+void dequantize_avx2(const QuantizedMatrix& w, float* out);
+
+// Writes out[row, n0 .. n0 + count) = values + bias, converted to the output dtype.
+inline void store_outputs(const MatmulArgs& args, int64_t row, int64_t n0, int64_t count, const float* values) {
+  const int64_t index = row * args.w.n + n0;
+  for (int64_t i = 0; i < count; ++i) {
+    float v = values[i];
+    if (args.bias) {
+      const int64_t b = n0 + i;
+      switch (args.dtype) {
+        case DType::kFloat32: v += static_cast<const float*>(args.bias)[b]; break;
+        case DType::kFloat16: v += half_to_float(static_cast<const uint16_t*>(args.bias)[b]); break;
+        case DType::kBFloat16: v += bf16_to_float(static_cast<const uint16_t*>(args.bias)[b]); break;
+      }
+    }
+    switch (args.dtype) {
+      case DType::kFloat32: static_cast<float*>(args.out)[index + i] = v; break;
+      case DType::kFloat16: static_cast<uint16_t*>(args.out)[index + i] = float_to_half(v); break;
+      case DType::kBFloat16: static_cast<uint16_t*>(args.out)[index + i] = float_to_bf16(v); break;
+    }
+  }
+}
+
+// Row `row` of x as float32.
+inline void load_activation_row(const MatmulArgs& args, int64_t row, float* dst) {
+  const auto* base = static_cast<const char*>(args.x) + row * args.w.k * int64_t(dtype_size(args.dtype));
+  convert_to_float(base, args.dtype, args.w.k, dst);
+}
+
+// A float buffer whose data() is 64-byte aligned (for aligned vector loads and whole cache lines).
+class AlignedFloats {
+ public:
+  AlignedFloats() = default;
+  explicit AlignedFloats(int64_t size) { resize(size); }
+  void resize(int64_t size) { storage_.assign(size_t(size) + kAlign / sizeof(float), 0.0f); }
+  float* data() { return align(storage_.data()); }
+  const float* data() const { return align(const_cast<float*>(storage_.data())); }
+
+ private:
+  static constexpr uintptr_t kAlign = 64;
+  static float* align(float* p) {
+    const auto address = reinterpret_cast<uintptr_t>(p);
+    return p + ((kAlign - address % kAlign) % kAlign) / sizeof(float);
+  }
+  std::vector<float> storage_;
+};
+
+}  // namespace metal_marlin::cpu

@@ -1,0 +1,431 @@
+// AVX2 + FMA + F16C kernels (compiled with target attributes, chosen at run time).
+//
+// GEMV path (m <= 8, token generation): memory bound on the packed weights, so each thread takes
+// whole rows of W and streams them once: per block, decode 32 codes into registers and FMA them
+// against all m activation rows. Activations are permuted once per call into the decoder's lane
+// order, and scales are applied once per group (sum_k w_k x_k = s * sum_k u_k x_k + o * sum_k x_k,
+// with the group sums of x precomputed), so the inner loop is decode + FMA only.
+//
+// GEMM path (m > 8, prefill): a BLIS-style loop. For each block of kRowBlock activation rows and each
+// kDepth-long slice of K, threads take 16-row tiles of W, decode the tile slice into a float32
+// panel (16 KiB, stays in L1) and run a 6x16 register-blocked FMA micro-kernel over the activation
+// rows, accumulating into a float32 buffer. W is decoded once per row block.
+#include "common/simd.h"
+
+#if METAL_MARLIN_X86
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/decode_avx2.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+
+namespace metal_marlin::cpu {
+namespace {
+
+using avx2::BlockDecoder;
+
+constexpr int64_t kGemvMaxRows = 8;           // activation rows one GEMV pass handles
+constexpr int64_t kGemvChunkedMaxRows = 16;   // above this, the GEMM path
+constexpr int64_t kGemvRowsPerTask = 16;
+// The hardware prefetcher alone leaves the GEMV waiting on memory; 2 KiB ahead of the decoder
+// (anywhere from 0.5 to 8 KiB measures the same) keeps the stream in L1.
+constexpr int kPrefetchBytes = 2048;
+constexpr int kMicroRows = 6;          // activation rows per micro-kernel call
+constexpr int64_t kTileCols = 16;      // rows of W per panel (two vectors)
+constexpr int64_t kDepth = 256;        // K slice per panel: 16 x 256 floats = 16 KiB
+constexpr int64_t kRowBlock = 120;     // activation rows per pass over W
+
+METAL_MARLIN_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// dst (one row of K) = src in the decoder's lane order, block by block, times `unit(i)` per vector.
+template <Format F, class Unit>
+void permute_row(const float* src, int64_t k, Unit unit, float* dst) {
+  using Decoder = BlockDecoder<F>;
+  for (int64_t base = 0; base < k; base += kBlockCodes) {
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 8; ++j) dst[base + 8 * i + j] = src[base + Decoder::lane_code(i, j)] * unit(i);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV
+
+struct GemvInputs {
+  // [k / 32, m, 32]: block b of every activation row is contiguous, permuted to the decoder's lane
+  // order and multiplied by kVectorUnit, so the kernel addresses it with constant offsets.
+  AlignedFloats x;
+  AlignedFloats group_sums;  // [m, groups]: sum of x over each group (offset term, integer formats)
+};
+
+template <Format F>
+void prepare_gemv_inputs(const MatmulArgs& args, GemvInputs& in) {
+  const int64_t k = args.w.k;
+  const int64_t n_groups = args.w.groups_per_row();
+  in.x.resize(args.m * k);
+  in.group_sums.resize(args.m * n_groups);
+  std::vector<float> row(static_cast<size_t>(k));
+  std::vector<float> permuted(static_cast<size_t>(k));
+  for (int64_t m = 0; m < args.m; ++m) {
+    load_activation_row(args, m, row.data());
+    permute_row<F>(row.data(), k, [](int i) { return BlockDecoder<F>::kVectorUnit[i]; }, permuted.data());
+    for (int64_t b = 0; b < k / kBlockCodes; ++b) {
+      std::copy_n(permuted.data() + b * kBlockCodes, kBlockCodes, in.x.data() + (b * args.m + m) * kBlockCodes);
+    }
+    if constexpr (FormatTraits<F>::kInteger) {
+      for (int64_t g = 0; g < n_groups; ++g) {
+        float sum = 0.0f;
+        for (int64_t i = g * args.w.group_size; i < (g + 1) * args.w.group_size; ++i) sum += row[size_t(i)];
+        in.group_sums.data()[m * n_groups + g] = sum;
+      }
+    }
+  }
+}
+
+// Independent FMA chains per activation row within a group. A group's chains restart at zero, so
+// out-of-order execution overlaps consecutive short groups and one chain suffices; long groups
+// (per-channel) need several to hide the FMA latency, as many as fit in registers.
+constexpr int kShortGroupBlocks = 1;
+constexpr int long_group_chains(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }
+
+// Row n's scales (times the decoder's unit) into `scales`, and for each activation row m the offset
+// term sum_g o_g * (sum of x over group g) of the integer formats (o_g = -mid * s_g if symmetric).
+template <Format F, int M>
+METAL_MARLIN_AVX2 void prepare_row_scales(const QuantizedMatrix& w, int64_t n, const float* group_sums, float* scales,
+                                          float offset_terms[M]) {
+  using Decoder = BlockDecoder<F>;
+  constexpr bool kInteger = FormatTraits<F>::kInteger;
+  const int64_t n_groups = w.groups_per_row();
+  const uint16_t* row_scales = w.row_scales(n);
+  const uint16_t* row_offsets = w.row_offsets(n);
+  __m256 offset_acc[M];
+  for (int m = 0; m < M; ++m) offset_acc[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= n_groups; g += 8) {
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_scales + g)));
+    _mm256_storeu_ps(scales + g, _mm256_mul_ps(s, _mm256_set1_ps(Decoder::kUnit)));
+    if constexpr (kInteger) {
+      const __m256 o = row_offsets ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_offsets + g)))
+                                   : _mm256_mul_ps(s, _mm256_set1_ps(-kSymmetricMid<F>));
+      for (int m = 0; m < M; ++m) {
+        offset_acc[m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sums + m * n_groups + g), offset_acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) offset_terms[m] = horizontal_sum(offset_acc[m]);
+  for (; g < n_groups; ++g) {
+    const float s = _cvtsh_ss(row_scales[g]);
+    scales[g] = s * Decoder::kUnit;
+    if constexpr (kInteger) {
+      const float o = row_offsets ? _cvtsh_ss(row_offsets[g]) : -kSymmetricMid<F> * s;
+      for (int m = 0; m < M; ++m) offset_terms[m] += o * group_sums[m * n_groups + g];
+    }
+  }
+}
+
+// out[:, row_begin:row_end] for M activation rows. `scratch` holds `groups` floats.
+template <Format F, int M, int kChains>
+METAL_MARLIN_AVX2 void gemv_rows(const MatmulArgs& args, const GemvInputs& in, int64_t row_begin, int64_t row_end,
+                                 float* scratch) {
+  using Decoder = BlockDecoder<F>;
+  constexpr int kBits = FormatTraits<F>::kBits;
+  const QuantizedMatrix& w = args.w;
+  const int64_t n_groups = w.groups_per_row();
+  const int64_t blocks_per_group = w.group_size / kBlockCodes;
+  float* scales = scratch;
+  const float* x = in.x.data();
+
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    float offset_terms[M];
+    prepare_row_scales<F, M>(w, n, in.group_sums.data(), scales, offset_terms);
+
+    __m256 totals[M];
+    for (int m = 0; m < M; ++m) totals[m] = _mm256_setzero_ps();
+    const uint32_t* block = w.row_words(n);
+    const float* x_block = x;
+    for (int64_t g = 0; g < n_groups; ++g) {
+      __m256 acc[M][kChains];
+      for (int m = 0; m < M; ++m) {
+        for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
+      }
+      const uint32_t* group_end = block + blocks_per_group * kBits;
+      do {
+        _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
+        __m256 lanes[4];
+        Decoder::decode(block, lanes);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) {
+            acc[m][i % kChains] = _mm256_fmadd_ps(lanes[i], _mm256_load_ps(x_block + m * kBlockCodes + 8 * i), acc[m][i % kChains]);
+          }
+        }
+        block += kBits;
+        x_block += M * kBlockCodes;
+      } while (block != group_end);
+      const __m256 scale = _mm256_broadcast_ss(scales + g);
+      for (int m = 0; m < M; ++m) {
+        __m256 sum = acc[m][0];
+        for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, acc[m][c]);
+        totals[m] = _mm256_fmadd_ps(sum, scale, totals[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const float result = horizontal_sum(totals[m]) + offset_terms[m];
+      store_outputs(args, m, n, 1, &result);
+    }
+  }
+}
+
+template <Format F, int M>
+void gemv(const MatmulArgs& args, const GemvInputs& in) {
+  const int64_t n_tasks = (args.w.n + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
+  const int n_threads = plan_threads(args.n_threads, n_tasks);
+  std::vector<AlignedFloats> scratch(size_t(n_threads), AlignedFloats(args.w.groups_per_row()));
+  parallel_for(n_threads, n_tasks, [&](int64_t task, int thread) {
+    const int64_t begin = task * kGemvRowsPerTask;
+    const int64_t end = std::min(args.w.n, begin + kGemvRowsPerTask);
+    if (args.w.group_size <= kShortGroupBlocks * kBlockCodes) {
+      gemv_rows<F, M, 1>(args, in, begin, end, scratch[size_t(thread)].data());
+    } else {
+      gemv_rows<F, M, long_group_chains(M)>(args, in, begin, end, scratch[size_t(thread)].data());
+    }
+  });
+}
+
+template <Format F>
+void gemv_any_rows(const MatmulArgs& args) {
+  GemvInputs in;
+  prepare_gemv_inputs<F>(args, in);
+  switch (args.m) {
+    case 1: return gemv<F, 1>(args, in);
+    case 2: return gemv<F, 2>(args, in);
+    case 3: return gemv<F, 3>(args, in);
+    case 4: return gemv<F, 4>(args, in);
+    case 5: return gemv<F, 5>(args, in);
+    case 6: return gemv<F, 6>(args, in);
+    case 7: return gemv<F, 7>(args, in);
+    default: return gemv<F, 8>(args, in);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+
+// Transposes the 8x8 matrix whose rows are r[0..7].
+METAL_MARLIN_AVX2 inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// panel[kk][c] = W[n0 + c, k0 + kk'] for kk < depth, c < 16, where kk' follows the decoder's lane
+// order within each block (the activations are permuted to match); rows past N are zero.
+// `staging` holds 8 x 32 floats.
+template <Format F>
+METAL_MARLIN_AVX2 void decode_panel(const QuantizedMatrix& w, int64_t n0, int64_t k0, int64_t depth, float* panel,
+                                    float* staging) {
+  constexpr int kBits = FormatTraits<F>::kBits;
+  const int64_t blocks_per_group = w.group_size / kBlockCodes;
+  for (int64_t half = 0; half < kTileCols / 8; ++half) {
+    for (int64_t b = k0 / kBlockCodes; b < (k0 + depth) / kBlockCodes; ++b) {
+      const int64_t g = b / blocks_per_group;
+      for (int r = 0; r < 8; ++r) {
+        const int64_t row = n0 + 8 * half + r;
+        float* dst = staging + r * kBlockCodes;
+        if (row < w.n) {
+          const float scale = _cvtsh_ss(w.row_scales(row)[g]);
+          const float offset = group_offset<F>(w.row_offsets(row), scale, g);
+          __m256 weights[4];
+          avx2::decode_block_weights<F>(w.row_words(row) + b * kBits, scale, offset, weights);
+          for (int i = 0; i < 4; ++i) _mm256_store_ps(dst + 8 * i, weights[i]);
+        } else {
+          for (int i = 0; i < 4; ++i) _mm256_store_ps(dst + 8 * i, _mm256_setzero_ps());
+        }
+      }
+      float* panel_block = panel + (b * kBlockCodes - k0) * kTileCols + 8 * half;
+      for (int i = 0; i < 4; ++i) {
+        __m256 t[8];
+        for (int r = 0; r < 8; ++r) t[r] = _mm256_load_ps(staging + r * kBlockCodes + 8 * i);
+        transpose8(t);
+        for (int j = 0; j < 8; ++j) _mm256_store_ps(panel_block + (8 * i + j) * kTileCols, t[j]);
+      }
+    }
+  }
+}
+
+// c[r, 0:16] (+)= sum_kk x[r, kk] * panel[kk, 0:16] for r < MR.
+template <int MR>
+METAL_MARLIN_AVX2 void micro_kernel(const float* x, int64_t x_stride, const float* panel, int64_t depth, float* c,
+                                    int64_t c_stride, bool accumulate) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    const __m256 p0 = _mm256_load_ps(panel + kk * kTileCols);
+    const __m256 p1 = _mm256_load_ps(panel + kk * kTileCols + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xr = _mm256_broadcast_ss(x + r * x_stride + kk);
+      acc[r][0] = _mm256_fmadd_ps(xr, p0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xr, p1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * c_stride;
+    if (accumulate) {
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_load_ps(cr));
+      acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_load_ps(cr + 8));
+    }
+    _mm256_store_ps(cr, acc[r][0]);
+    _mm256_store_ps(cr + 8, acc[r][1]);
+  }
+}
+
+struct GemmPass {
+  const float* x;     // [rows, k] activation rows m0.., permuted to lane order
+  int64_t m0, rows;   // activation rows of this pass
+  float* c;           // [rows, c_stride] float32 accumulators
+  int64_t c_stride;   // N rounded up to whole tiles
+  int64_t k0, depth;  // K slice of this pass
+};
+
+template <Format F>
+METAL_MARLIN_AVX2 void gemm_tile(const MatmulArgs& args, const GemmPass& pass, int64_t tile, float* scratch) {
+  const int64_t k = args.w.k;
+  const int64_t n0 = tile * kTileCols;
+  float* panel = scratch;
+  decode_panel<F>(args.w, n0, pass.k0, pass.depth, panel, scratch + kDepth * kTileCols);
+
+  const bool accumulate = pass.k0 > 0;
+  const float* x = pass.x + pass.k0;
+  float* c = pass.c + n0;
+  int64_t r = 0;
+  for (; r + kMicroRows <= pass.rows; r += kMicroRows) {
+    micro_kernel<kMicroRows>(x + r * k, k, panel, pass.depth, c + r * pass.c_stride, pass.c_stride, accumulate);
+  }
+  const float* xr = x + r * k;
+  float* cr = c + r * pass.c_stride;
+  switch (pass.rows - r) {
+    case 1: micro_kernel<1>(xr, k, panel, pass.depth, cr, pass.c_stride, accumulate); break;
+    case 2: micro_kernel<2>(xr, k, panel, pass.depth, cr, pass.c_stride, accumulate); break;
+    case 3: micro_kernel<3>(xr, k, panel, pass.depth, cr, pass.c_stride, accumulate); break;
+    case 4: micro_kernel<4>(xr, k, panel, pass.depth, cr, pass.c_stride, accumulate); break;
+    case 5: micro_kernel<5>(xr, k, panel, pass.depth, cr, pass.c_stride, accumulate); break;
+    default: break;
+  }
+
+  if (pass.k0 + pass.depth == k) {
+    const int64_t cols = std::min(kTileCols, args.w.n - n0);
+    for (int64_t row = 0; row < pass.rows; ++row) store_outputs(args, pass.m0 + row, n0, cols, c + row * pass.c_stride);
+  }
+}
+
+template <Format F>
+void gemm(const MatmulArgs& args) {
+  const int64_t k = args.w.k;
+  const int64_t n_tiles = (args.w.n + kTileCols - 1) / kTileCols;
+  const int64_t row_block = std::min(kRowBlock, args.m);
+  GemmPass pass{};
+  pass.c_stride = n_tiles * kTileCols;
+  AlignedFloats x_block(row_block * k);
+  AlignedFloats c_block(row_block * pass.c_stride);
+  pass.x = x_block.data();
+  pass.c = c_block.data();
+
+  const int n_threads = plan_threads(args.n_threads, n_tiles);
+  std::vector<AlignedFloats> scratch(size_t(n_threads), AlignedFloats(kDepth * kTileCols + 8 * kBlockCodes));
+  std::vector<float> row(static_cast<size_t>(k));
+  for (pass.m0 = 0; pass.m0 < args.m; pass.m0 += row_block) {
+    pass.rows = std::min(row_block, args.m - pass.m0);
+    for (int64_t r = 0; r < pass.rows; ++r) {
+      load_activation_row(args, pass.m0 + r, row.data());
+      permute_row<F>(row.data(), k, [](int) { return 1.0f; }, x_block.data() + r * k);
+    }
+    for (pass.k0 = 0; pass.k0 < k; pass.k0 += kDepth) {
+      pass.depth = std::min(kDepth, k - pass.k0);
+      parallel_for(n_threads, n_tiles, [&](int64_t tile, int thread) {
+        gemm_tile<F>(args, pass, tile, scratch[size_t(thread)].data());
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <Format F>
+METAL_MARLIN_AVX2 void dequantize_rows(const QuantizedMatrix& w, float* out) {
+  using Decoder = BlockDecoder<F>;
+  constexpr int kBits = FormatTraits<F>::kBits;
+  const int64_t blocks_per_group = w.group_size / kBlockCodes;
+  alignas(32) float staging[kBlockCodes];
+  for (int64_t n = 0; n < w.n; ++n) {
+    const uint32_t* block = w.row_words(n);
+    float* row = out + n * w.k;
+    for (int64_t b = 0; b < w.k / kBlockCodes; ++b, block += kBits) {
+      const int64_t g = b / blocks_per_group;
+      const float scale = _cvtsh_ss(w.row_scales(n)[g]);
+      __m256 weights[4];
+      avx2::decode_block_weights<F>(block, scale, group_offset<F>(w.row_offsets(n), scale, g), weights);
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(staging + 8 * i, weights[i]);
+      float* dst = row + b * kBlockCodes;
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 8; ++j) dst[Decoder::lane_code(i, j)] = staging[8 * i + j];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void quant_matmul_avx2(const MatmulArgs& args) {
+  visit_format(args.w.format, [&](auto f) {
+    constexpr Format F = decltype(f)::value;
+    if (args.m > kGemvChunkedMaxRows) return gemm<F>(args);
+    // A few GEMV passes over W beat one GEMM pass here: the GEMM's panel decode and transpose cost
+    // more than decoding W again.
+    const int64_t n_chunks = (args.m + kGemvMaxRows - 1) / kGemvMaxRows;
+    const size_t x_row_bytes = size_t(args.w.k) * dtype_size(args.dtype);
+    const size_t out_row_bytes = size_t(args.w.n) * dtype_size(args.dtype);
+    for (int64_t chunk = 0, m0 = 0; chunk < n_chunks; ++chunk) {
+      MatmulArgs part = args;
+      part.m = (args.m - m0) / (n_chunks - chunk);
+      part.x = static_cast<const char*>(args.x) + size_t(m0) * x_row_bytes;
+      part.out = static_cast<char*>(args.out) + size_t(m0) * out_row_bytes;
+      gemv_any_rows<F>(part);
+      m0 += part.m;
+    }
+  });
+}
+
+void dequantize_avx2(const QuantizedMatrix& w, float* out) {
+  visit_format(w.format, [&](auto f) { dequantize_rows<decltype(f)::value>(w, out); });
+}
+
+}  // namespace metal_marlin::cpu
+
+#endif  // METAL_MARLIN_X86

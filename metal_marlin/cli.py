@@ -14,10 +14,13 @@ import torch
 MODEL_HELP = "checkpoint dir, GGUF file, transformers dir or hub id (default: embedded SmolLM2-135M-Instruct)"
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, need_tokenizer: bool = True):
     from .models.loading import load_model
 
-    return load_model(args.model)
+    model, tokenizer = load_model(args.model)
+    if need_tokenizer and tokenizer is None:
+        raise ValueError(f"{args.model}: the model has no tokenizer (a GGUF without tokenizer metadata?)")
+    return model, tokenizer
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -40,7 +43,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     fmt = get_format(args.format, args.bits)
     check_output_dir(args.out, args.overwrite)
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, need_tokenizer=False)
     dequantize_model(model)
     summary = replace_linear_layers(model, format=fmt.name, group_size=args.group_size, symmetric=args.symmetric,
                                     skip=args.skip, scale_method=args.scale_method, progress=True)

@@ -59,11 +59,15 @@ class GGUFModel:
     config: Any
     tensors: dict[str, torch.Tensor | GroupQuantizedWeight] = field(default_factory=dict)
     source_types: dict[str, str] = field(default_factory=dict)
+    has_tokenizer: bool = False
 
     def tokenizer(self):
-        """The tokenizer rebuilt from the GGUF metadata (by transformers' GGUF converter)."""
+        """The tokenizer rebuilt from the GGUF metadata (by transformers' GGUF converter), or None when
+        the file carries no tokenizer."""
         from transformers import AutoTokenizer
 
+        if not self.has_tokenizer:
+            return None
         return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(self.path)),
                                              gguf_file=os.path.basename(self.path))
 
@@ -190,7 +194,7 @@ def read_gguf(path: str, on_unsupported: str = "requantize") -> GGUFModel:
         raise GGUFImportError(f"{path}: architecture {arch!r} is not supported (supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)})")
     config = llama_config_from_gguf(reader, path)
-    model = GGUFModel(path, arch, config)
+    model = GGUFModel(path, arch, config, has_tokenizer=_field(reader, "tokenizer.ggml.model") is not None)
 
     for t in reader.tensors:
         hf = _hf_name(t.name)

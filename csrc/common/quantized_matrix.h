@@ -12,14 +12,16 @@ namespace metal_marlin {
 struct QuantizedMatrix {
   Format format;
   int64_t n;           // out features (rows)
-  int64_t k;           // in features, a multiple of group_size
-  int64_t group_size;  // a multiple of 32 that divides k
+  int64_t k;           // in features, a multiple of 32
+  int64_t group_size;  // a multiple of 32; the last group of a row is shorter when it does not divide k
   const uint32_t* packed;   // [n, k * bits / 32]
-  const uint16_t* scales;   // float16 bits, [n, k / group_size]
-  const uint16_t* offsets;  // float16 bits, [n, k / group_size]; nullptr when symmetric
+  const uint16_t* scales;   // float16 bits, [n, groups_per_row()]
+  const uint16_t* offsets;  // float16 bits, [n, groups_per_row()]; nullptr when symmetric
 
   int64_t words_per_row() const { return k / kBlockCodes * format_bits(format); }
-  int64_t groups_per_row() const { return k / group_size; }
+  int64_t groups_per_row() const { return (k + group_size - 1) / group_size; }
+  int64_t blocks_per_row() const { return k / kBlockCodes; }
+  int64_t blocks_per_group() const { return group_size / kBlockCodes; }
   const uint32_t* row_words(int64_t row) const { return packed + row * words_per_row(); }
   const uint16_t* row_scales(int64_t row) const { return scales + row * groups_per_row(); }
   const uint16_t* row_offsets(int64_t row) const {
@@ -42,15 +44,13 @@ void dequantize_row_scalar(const QuantizedMatrix& w, int64_t n, float* row) {
   const uint32_t* words = w.row_words(n);
   const uint16_t* scales = w.row_scales(n);
   const uint16_t* offsets = w.row_offsets(n);
-  const int64_t blocks_per_group = w.group_size / kBlockCodes;
-  for (int64_t g = 0; g < w.groups_per_row(); ++g) {
+  for (int64_t b = 0; b < w.blocks_per_row(); ++b) {
+    const int64_t g = b / w.blocks_per_group();
     const float scale = half_to_float(scales[g]);
     const float offset = group_offset<F>(offsets, scale, g);
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-      const uint32_t* block = words + b * bits;
-      float* out = row + b * kBlockCodes;
-      for (int c = 0; c < kBlockCodes; ++c) out[c] = scale * code_value<F>(block_code<F>(block, c)) + offset;
-    }
+    const uint32_t* block = words + b * bits;
+    float* out = row + b * kBlockCodes;
+    for (int c = 0; c < kBlockCodes; ++c) out[c] = scale * code_value<F>(block_code<F>(block, c)) + offset;
   }
 }
 

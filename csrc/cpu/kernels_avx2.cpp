@@ -1,12 +1,13 @@
 // AVX2 + FMA + F16C kernels (compiled with target attributes, chosen at run time).
 //
-// GEMV path (m <= 8, token generation): memory bound on the packed weights, so each thread takes
-// whole rows of W and streams them once: per block, decode 32 codes into registers and FMA them
-// against all m activation rows. Activations are permuted once per call into the decoder's lane
-// order, and scales are applied once per group (sum_k w_k x_k = s * sum_k u_k x_k + o * sum_k x_k,
-// with the group sums of x precomputed), so the inner loop is decode + FMA only.
+// GEMV path (m <= 8, token generation; m <= 16 as two passes): bound by reading the packed weights,
+// so each thread takes whole rows of W and streams them once: per block, decode 32 codes into
+// registers and FMA them against all m activation rows. Activations are permuted once per call into
+// the decoder's lane order, and scales are applied once per group (sum_k w_k x_k =
+// s * sum_k u_k x_k + o * sum_k x_k, with the group sums of x precomputed), so the inner loop is
+// decode + FMA only.
 //
-// GEMM path (m > 8, prefill): a BLIS-style loop. For each block of kRowBlock activation rows and each
+// GEMM path (m > 16, prefill): a BLIS-style loop. For each block of kRowBlock activation rows and each
 // kDepth-long slice of K, threads take 16-row tiles of W, decode the tile slice into a float32
 // panel (16 KiB, stays in L1) and run a 6x16 register-blocked FMA micro-kernel over the activation
 // rows, accumulating into a float32 buffer. W is decoded once per row block.
@@ -85,18 +86,18 @@ void prepare_gemv_inputs(const MatmulArgs& args, GemvInputs& in) {
     if constexpr (FormatTraits<F>::kInteger) {
       for (int64_t g = 0; g < n_groups; ++g) {
         float sum = 0.0f;
-        for (int64_t i = g * args.w.group_size; i < (g + 1) * args.w.group_size; ++i) sum += row[size_t(i)];
+        const int64_t end = std::min(k, (g + 1) * args.w.group_size);
+        for (int64_t i = g * args.w.group_size; i < end; ++i) sum += row[size_t(i)];
         in.group_sums.data()[m * n_groups + g] = sum;
       }
     }
   }
 }
 
-// Independent FMA chains per activation row within a group. A group's chains restart at zero, so
-// out-of-order execution overlaps consecutive short groups and one chain suffices; long groups
-// (per-channel) need several to hide the FMA latency, as many as fit in registers.
-constexpr int kShortGroupBlocks = 1;
-constexpr int long_group_chains(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }
+// FMA chains per activation row. A group's accumulators restart at zero, so with one-block groups
+// out-of-order execution overlaps consecutive groups and one chain suffices; longer groups (up to
+// per-channel) need several to hide the FMA latency, as many as the registers allow.
+constexpr int gemv_chains(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }
 
 // Row n's scales (times the decoder's unit) into `scales`, and for each activation row m the offset
 // term sum_g o_g * (sum of x over group g) of the integer formats (o_g = -mid * s_g if symmetric).
@@ -141,7 +142,8 @@ METAL_MARLIN_AVX2 void gemv_rows(const MatmulArgs& args, const GemvInputs& in, i
   constexpr int kBits = FormatTraits<F>::kBits;
   const QuantizedMatrix& w = args.w;
   const int64_t n_groups = w.groups_per_row();
-  const int64_t blocks_per_group = w.group_size / kBlockCodes;
+  const int64_t n_blocks = w.blocks_per_row();
+  const int64_t blocks_per_group = w.blocks_per_group();
   float* scales = scratch;
   const float* x = in.x.data();
 
@@ -158,7 +160,8 @@ METAL_MARLIN_AVX2 void gemv_rows(const MatmulArgs& args, const GemvInputs& in, i
       for (int m = 0; m < M; ++m) {
         for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
       }
-      const uint32_t* group_end = block + blocks_per_group * kBits;
+      const int64_t group_blocks = std::min(blocks_per_group, n_blocks - g * blocks_per_group);  // last: shorter
+      const uint32_t* group_end = block + group_blocks * kBits;
       do {
         _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
         __m256 lanes[4];
@@ -167,7 +170,8 @@ METAL_MARLIN_AVX2 void gemv_rows(const MatmulArgs& args, const GemvInputs& in, i
         for (int i = 0; i < 4; ++i) {
 #pragma GCC unroll 8
           for (int m = 0; m < M; ++m) {
-            acc[m][i % kChains] = _mm256_fmadd_ps(lanes[i], _mm256_load_ps(x_block + m * kBlockCodes + 8 * i), acc[m][i % kChains]);
+            const __m256 xv = _mm256_load_ps(x_block + m * kBlockCodes + 8 * i);
+            acc[m][i % kChains] = _mm256_fmadd_ps(lanes[i], xv, acc[m][i % kChains]);
           }
         }
         block += kBits;
@@ -195,10 +199,10 @@ void gemv(const MatmulArgs& args, const GemvInputs& in) {
   parallel_for(n_threads, n_tasks, [&](int64_t task, int thread) {
     const int64_t begin = task * kGemvRowsPerTask;
     const int64_t end = std::min(args.w.n, begin + kGemvRowsPerTask);
-    if (args.w.group_size <= kShortGroupBlocks * kBlockCodes) {
+    if (args.w.blocks_per_group() == 1) {
       gemv_rows<F, M, 1>(args, in, begin, end, scratch[size_t(thread)].data());
     } else {
-      gemv_rows<F, M, long_group_chains(M)>(args, in, begin, end, scratch[size_t(thread)].data());
+      gemv_rows<F, M, gemv_chains(M)>(args, in, begin, end, scratch[size_t(thread)].data());
     }
   });
 }
@@ -249,22 +253,28 @@ template <Format F>
 METAL_MARLIN_AVX2 void decode_panel(const QuantizedMatrix& w, int64_t n0, int64_t k0, int64_t depth, float* panel,
                                     float* staging) {
   constexpr int kBits = FormatTraits<F>::kBits;
-  const int64_t blocks_per_group = w.group_size / kBlockCodes;
+  const int64_t blocks_per_group = w.blocks_per_group();
   for (int64_t half = 0; half < kTileCols / 8; ++half) {
+    const int64_t first_row = n0 + 8 * half;
+    const int rows = int(std::clamp<int64_t>(w.n - first_row, 0, 8));
+    const uint32_t* words[8];
+    const uint16_t* scales[8];
+    const uint16_t* offsets[8];
+    for (int r = 0; r < rows; ++r) {
+      words[r] = w.row_words(first_row + r);
+      scales[r] = w.row_scales(first_row + r);
+      offsets[r] = w.row_offsets(first_row + r);
+    }
+    for (int r = rows; r < 8; ++r) {
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(staging + r * kBlockCodes + 8 * i, _mm256_setzero_ps());
+    }
     for (int64_t b = k0 / kBlockCodes; b < (k0 + depth) / kBlockCodes; ++b) {
       const int64_t g = b / blocks_per_group;
-      for (int r = 0; r < 8; ++r) {
-        const int64_t row = n0 + 8 * half + r;
-        float* dst = staging + r * kBlockCodes;
-        if (row < w.n) {
-          const float scale = _cvtsh_ss(w.row_scales(row)[g]);
-          const float offset = group_offset<F>(w.row_offsets(row), scale, g);
-          __m256 weights[4];
-          avx2::decode_block_weights<F>(w.row_words(row) + b * kBits, scale, offset, weights);
-          for (int i = 0; i < 4; ++i) _mm256_store_ps(dst + 8 * i, weights[i]);
-        } else {
-          for (int i = 0; i < 4; ++i) _mm256_store_ps(dst + 8 * i, _mm256_setzero_ps());
-        }
+      for (int r = 0; r < rows; ++r) {
+        const float scale = _cvtsh_ss(scales[r][g]);
+        __m256 weights[4];
+        avx2::decode_block_weights<F>(words[r] + b * kBits, scale, group_offset<F>(offsets[r], scale, g), weights);
+        for (int i = 0; i < 4; ++i) _mm256_store_ps(staging + r * kBlockCodes + 8 * i, weights[i]);
       }
       float* panel_block = panel + (b * kBlockCodes - k0) * kTileCols + 8 * half;
       for (int i = 0; i < 4; ++i) {
@@ -381,12 +391,12 @@ template <Format F>
 METAL_MARLIN_AVX2 void dequantize_rows(const QuantizedMatrix& w, float* out) {
   using Decoder = BlockDecoder<F>;
   constexpr int kBits = FormatTraits<F>::kBits;
-  const int64_t blocks_per_group = w.group_size / kBlockCodes;
+  const int64_t blocks_per_group = w.blocks_per_group();
   alignas(32) float staging[kBlockCodes];
   for (int64_t n = 0; n < w.n; ++n) {
     const uint32_t* block = w.row_words(n);
     float* row = out + n * w.k;
-    for (int64_t b = 0; b < w.k / kBlockCodes; ++b, block += kBits) {
+    for (int64_t b = 0; b < w.blocks_per_row(); ++b, block += kBits) {
       const int64_t g = b / blocks_per_group;
       const float scale = _cvtsh_ss(w.row_scales(n)[g]);
       __m256 weights[4];

@@ -17,7 +17,9 @@ float dot(const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; i += 8) {
     for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
   }
-  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) + ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+  const float low = (partial[0] + partial[4]) + (partial[1] + partial[5]);
+  const float high = (partial[2] + partial[6]) + (partial[3] + partial[7]);
+  return low + high;
 }
 
 template <Format F>

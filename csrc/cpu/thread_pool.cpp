@@ -22,7 +22,8 @@ namespace metal_marlin::cpu {
 namespace {
 
 // Workers spin this long after a job before sleeping: kernels are called back to back (one per
-// layer), and a futex wake-up costs tens of microseconds, a large share of a small matmul.
+// layer), and a futex wake-up costs tens of microseconds, a large share of a small matmul. Kept
+// short because a spinning worker takes a core from torch's own threads.
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(50);
 
 inline void cpu_relax() {
@@ -41,6 +42,27 @@ int current_process_id() {
 #endif
 }
 
+// One parallel_for call. Shared with the workers so that a worker waking up late (after the call
+// returned) still finds valid counters: it sees no task left and never touches `body`.
+struct Job {
+  Job(uint64_t g, TaskBody b, int64_t n) : generation(g), body(b), n_tasks(n) {}
+
+  // Claims and runs tasks until none are left.
+  void drain(int thread) {
+    for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < n_tasks;
+         task = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(task, thread);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  const uint64_t generation;
+  const TaskBody body;
+  const int64_t n_tasks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
 class Pool {
  public:
   Pool() : pid_(current_process_id()) {}
@@ -55,73 +77,66 @@ class Pool {
     while (int(workers_.size()) < n_workers) {
       auto worker = std::make_unique<Worker>();
       Worker* w = worker.get();
-      const int index = int(workers_.size()) + 1;
-      w->thread = std::thread([this, w, index] { worker_loop(w->ticket, index); });
+      const int thread = int(workers_.size()) + 1;
+      w->thread = std::thread([this, w, thread] { worker_loop(*w, thread); });
       workers_.push_back(std::move(worker));
     }
 
-    body_ = &body;
-    n_tasks_ = n_tasks;
-    next_task_.store(0, std::memory_order_relaxed);
-    unfinished_workers_.store(n_workers, std::memory_order_relaxed);
-    ++generation_;
+    auto job = std::make_shared<Job>(generation_ + 1, body, n_tasks);
     {
-      // Tickets change under the mutex so a worker cannot miss the wake-up between checking its
-      // ticket and going to sleep.
+      // Published under the mutex so a worker cannot miss the wake-up between checking its ticket
+      // and going to sleep.
       std::lock_guard<std::mutex> lock(mutex_);
+      job_ = job;
+      generation_ = job->generation;
       for (int w = 0; w < n_workers; ++w) workers_[w]->ticket.store(generation_, std::memory_order_release);
     }
     wake_.notify_all();
 
-    drain(0);
-    while (unfinished_workers_.load(std::memory_order_acquire) != 0) cpu_relax();
+    // The caller works too, and waits only for tasks already claimed: a worker that is slow to
+    // wake (its core busy with another process's threads) just finds the work done.
+    job->drain(0);
+    while (job->done.load(std::memory_order_acquire) != n_tasks) cpu_relax();
     return true;
   }
 
  private:
   struct Worker {
-    alignas(64) std::atomic<uint64_t> ticket{0};  // generation of the last job given to it
+    std::atomic<uint64_t> ticket{0};  // generation of the last job offered to this worker
     std::thread thread;
   };
 
-  void drain(int thread) {
-    for (int64_t task = next_task_.fetch_add(1, std::memory_order_relaxed); task < n_tasks_;
-         task = next_task_.fetch_add(1, std::memory_order_relaxed)) {
-      (*body_)(task, thread);
-    }
-  }
-
-  void worker_loop(std::atomic<uint64_t>& ticket, int index) {
-    uint64_t done = 0;
+  void worker_loop(Worker& worker, int thread) {
+    uint64_t seen = 0;
     for (;;) {
       const auto deadline = std::chrono::steady_clock::now() + kSpinBeforeSleep;
-      for (int spins = 0; ticket.load(std::memory_order_acquire) == done; ++spins) {
+      for (int spins = 0; worker.ticket.load(std::memory_order_acquire) == seen; ++spins) {
         if ((spins & 63) == 63 && std::chrono::steady_clock::now() > deadline) {
           std::unique_lock<std::mutex> lock(mutex_);
-          wake_.wait(lock, [&] { return ticket.load(std::memory_order_acquire) != done; });
+          wake_.wait(lock, [&] { return worker.ticket.load(std::memory_order_acquire) != seen; });
           break;
         }
         cpu_relax();
       }
-      done = ticket.load(std::memory_order_acquire);
-      // The job's fields stay valid until this worker reports back: the caller waits for it.
-      drain(index);
-      unfinished_workers_.fetch_sub(1, std::memory_order_acq_rel);
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        seen = worker.ticket.load(std::memory_order_acquire);
+        job = job_;
+      }
+      // A newer job this worker was not offered may have replaced its own: `thread` would be out
+      // of that job's range. Its own job is then finished anyway.
+      if (job->generation == seen) job->drain(thread);
     }
   }
 
   const int pid_;
   std::mutex dispatch_mutex_;  // one job at a time
-  std::mutex mutex_;
+  std::mutex mutex_;           // guards job_ and the tickets' changes
   std::condition_variable wake_;
   std::vector<std::unique_ptr<Worker>> workers_;
-  uint64_t generation_ = 0;
-
-  // The current job.
-  TaskBody* body_ = nullptr;
-  int64_t n_tasks_ = 0;
-  std::atomic<int64_t> next_task_{0};
-  std::atomic<int> unfinished_workers_{0};
+  uint64_t generation_ = 0;    // of the latest job
+  std::shared_ptr<Job> job_;  // the latest job
 };
 
 Pool& pool() {
@@ -143,9 +158,8 @@ Pool& pool() {
 }  // namespace
 
 int plan_threads(int requested, int64_t n_tasks) {
-  const int hardware = int(std::max(1u, std::thread::hardware_concurrency()));
-  const int64_t n = std::min<int64_t>({int64_t(std::max(requested, 1)), int64_t(hardware), std::max<int64_t>(n_tasks, 1)});
-  return int(n);
+  const int64_t hardware = std::max(1u, std::thread::hardware_concurrency());
+  return int(std::min({int64_t(std::max(requested, 1)), hardware, std::max<int64_t>(n_tasks, 1)}));
 }
 
 void run_parallel(int n_threads, int64_t n_tasks, TaskBody body) {

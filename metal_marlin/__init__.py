@@ -18,13 +18,14 @@ from .formats import (
     FORMATS,
     GroupQuantizedWeight,
     QuantizedWeight,
+    TrellisWeight,
     get_format,
-    quantize_weight,
     register_format,
 )
 from .models import CheckpointError, load_quantized_model, read_gguf, save_quantized
 from .nn import MetalQuantizedLinear, QuantizedExperts, ReplacementSummary, replace_linear_layers
 from .ops import quant_matmul
+from .quant import quantize_weight
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "QuantizedExperts",
     "QuantizedWeight",
     "ReplacementSummary",
+    "TrellisWeight",
     "get_format",
     "load_quantized_model",
     "quant_matmul",

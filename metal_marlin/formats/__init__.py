@@ -1,4 +1,4 @@
-"""Weight formats: the registry (one row per format) and the public ``quantize_weight``.
+"""Weight formats: the registry (one row per format): what a quantized weight is.
 
 Adding a format means adding one module and one ``register_format`` call; nothing else in the
 package switches on format names.
@@ -6,30 +6,34 @@ package switches on format names.
 
 from __future__ import annotations
 
-import torch
-
 from .base import GroupFormat, GroupQuantizedWeight, QuantizedWeight, n_groups, resolve_group_size
 from .fp4 import FP4
 from .fp8 import FP8
 from .integer import INT2, INT3, INT4, INT8
+from .trellis import TRELLIS, TrellisFormat, TrellisWeight
 
-FORMATS: dict[str, GroupFormat] = {}
+Format = GroupFormat | TrellisFormat
+FORMATS: dict[str, Format] = {}
 
 
-def register_format(fmt: GroupFormat) -> GroupFormat:
+def register_format(fmt: Format) -> Format:
     if fmt.name in FORMATS:
         raise ValueError(f"format {fmt.name!r} is already registered")
     FORMATS[fmt.name] = fmt
     return fmt
 
 
-for _fmt in (INT2, INT3, INT4, INT8, FP4, FP8):
+for _fmt in (INT2, INT3, INT4, INT8, FP4, FP8, TRELLIS):
     register_format(_fmt)
 
 
-def get_format(format: str | GroupFormat, bits: int | None = None) -> GroupFormat:
-    """Look a format up by name (``"int4"``) or by family and width (``"int", bits=4``)."""
-    if isinstance(format, GroupFormat):
+GROUP_FORMATS: dict[str, GroupFormat] = {k: f for k, f in FORMATS.items() if isinstance(f, GroupFormat)}
+
+
+def get_format(format: str | Format, bits: int | None = None) -> Format:
+    """Look a format up by name (``"int4"``, ``"trellis"``) or by family and width (``"int", bits=4``).
+    The trellis row serves every width (its bits are set per tensor)."""
+    if isinstance(format, (GroupFormat, TrellisFormat)):
         fmt = format
     elif not isinstance(format, str):
         raise TypeError(f"format must be a name such as 'int4', got {type(format).__name__}")
@@ -40,37 +44,22 @@ def get_format(format: str | GroupFormat, bits: int | None = None) -> GroupForma
     else:
         wanted = format if bits is None else f"{format} with bits={bits}"
         raise ValueError(f"unknown format {wanted!r}; known formats: {', '.join(sorted(FORMATS))}")
-    if bits is not None and bits != fmt.bits:
+    if bits is not None and fmt.bits is not None and bits != fmt.bits:
         raise ValueError(f"format {fmt.name!r} has {fmt.bits} bits, not bits={bits}")
     return fmt
 
 
-def quantize_weight(
-    w: torch.Tensor,
-    format: str = "int4",
-    bits: int | None = None,
-    group_size: int = 128,
-    symmetric: bool | None = None,
-    scale_method: str = "mse",
-    name: str = "weight",
-) -> QuantizedWeight:
-    """Quantize a weight ``[N, K]`` (or a stack ``[E, N, K]``) by round-to-nearest.
-
-    ``group_size=-1`` is per-channel. ``symmetric=None`` takes the format's default (int8 symmetric,
-    narrower integer grids asymmetric; fp formats are always symmetric). See docs/formats.md.
-    """
-    fmt = get_format(format, bits)
-    return fmt.quantize(w, group_size=group_size, symmetric=symmetric, scale_method=scale_method, name=name)
-
-
 __all__ = [
     "FORMATS",
+    "Format",
+    "GROUP_FORMATS",
     "GroupFormat",
     "GroupQuantizedWeight",
     "QuantizedWeight",
     "get_format",
     "n_groups",
-    "quantize_weight",
+    "TrellisFormat",
+    "TrellisWeight",
     "register_format",
     "resolve_group_size",
 ]

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..formats import GroupQuantizedWeight, get_format, quantize_weight
+from ..formats import GroupQuantizedWeight, get_format
 from ..nn import MetalQuantizedLinear
+from ..quant import quantize_weight
 from .checkpoint import load_state_strict, materialize_non_persistent_buffers
 
 LLAMA_TENSOR_NAMES = {

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..formats import quantize_weight
 from ..ops import quant_matmul
+from ..quant import quantize_weight
 from .buffers import QuantizedWeightBuffers
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import GroupQuantizedWeight, quantize_weight
+from ..formats import GroupQuantizedWeight
 from ..ops import quant_matmul
+from ..quant import quantize_weight
 from .buffers import QuantizedWeightBuffers
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ..formats import FORMATS, GroupQuantizedWeight, get_format, n_groups
+from ..formats import GROUP_FORMATS, GroupQuantizedWeight, get_format, n_groups
 from ..formats.packing import PACK_BLOCK
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,9 +26,9 @@ def check_quant_matmul_args(
     group_size: int,
 ) -> None:
     """Raise a clear error for inputs the kernels cannot take (shared by every backend)."""
-    if format not in FORMATS:
-        raise ValueError(f"quant_matmul: unknown format {format!r}; known: {', '.join(sorted(FORMATS))}")
-    fmt = FORMATS[format]
+    if format not in GROUP_FORMATS:
+        raise ValueError(f"quant_matmul: unknown format {format!r}; known: {', '.join(sorted(GROUP_FORMATS))}")
+    fmt = GROUP_FORMATS[format]
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"quant_matmul: activations must be float32, float16 or bfloat16, got {x.dtype}")
     if packed.dim() != 2 or packed.dtype != torch.int32:

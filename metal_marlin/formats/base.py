@@ -212,31 +212,42 @@ class GroupFormat(ABC):
         offsets = None if symmetric else torch.cat([p[2] for p in parts], dim=1)
         return codes, scales, offsets
 
-    def _quantize_groups(self, wg: torch.Tensor, symmetric: bool, scale_method: str, name: str):
-        """Round-to-nearest of groups ``wg [R, G, g]`` with the documented scale search."""
-        shrink = MSE_SHRINK_FACTORS if scale_method == "mse" else (1.0,)
+    def encode_with(self, w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
+        """Nearest codes (int64) of ``w [..., g]`` given per-group scales ``s [...]`` (and offsets)."""
+        if o is None:
+            return self.encode(w / s.unsqueeze(-1))
+        levels = 2**self.bits - 1
+        return torch.round((w - o.unsqueeze(-1)) / s.unsqueeze(-1)).clamp_(0, levels).long()
+
+    def decode_with(self, codes: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
+        """Values of ``codes [..., g]`` with per-group scales ``s [...]`` (and offsets), float32."""
+        if o is None:
+            table = self.code_values().to(device=codes.device, dtype=torch.float32)
+            return table[codes] * s.unsqueeze(-1)
+        return codes * s.unsqueeze(-1) + o.unsqueeze(-1)
+
+    def _scale_candidate(self, wg: torch.Tensor, p: float, symmetric: bool, name: str):
+        """float16-rounded scale (and offset) of groups ``wg [..., g]`` for range shrink factor ``p``."""
         if symmetric:
-            amax = wg.abs().amax(dim=-1)
-            table = self.code_values().to(device=wg.device, dtype=torch.float32)
-        else:
-            lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-            mid, half = (lo + hi) / 2, (hi - lo) / 2
-            levels = 2**self.bits - 1
+            s = _round_to_fp16(p * wg.abs().amax(dim=-1) / self.qmax, "scale", name)
+            return torch.where(s == 0, torch.ones_like(s), s), None
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        s = _round_to_fp16(2 * p * half / (2**self.bits - 1), "scale", name)
+        return torch.where(s == 0, torch.ones_like(s), s), _round_to_fp16(mid - p * half, "offset", name)
+
+    def choose_scales(self, wg: torch.Tensor, symmetric: bool, scale_method: str = "mse", name: str = "weight"):
+        """Per-group scales (and offsets) of ``wg [..., g]`` by the documented search."""
+        return self._quantize_groups(wg, symmetric, scale_method, name)[1:]
+
+    def _quantize_groups(self, wg: torch.Tensor, symmetric: bool, scale_method: str, name: str):
+        """Round-to-nearest of groups ``wg [..., g]``: codes (uint8), scales, offsets."""
+        shrink = MSE_SHRINK_FACTORS if scale_method == "mse" else (1.0,)
         best = None
         for p in shrink:
-            if symmetric:
-                s = _round_to_fp16(p * amax / self.qmax, "scale", name)
-                s = torch.where(s == 0, torch.ones_like(s), s)
-                codes = self.encode(wg / s.unsqueeze(-1))
-                deq = table[codes] * s.unsqueeze(-1)
-                o = None
-            else:
-                s = _round_to_fp16(2 * p * half / levels, "scale", name)
-                s = torch.where(s == 0, torch.ones_like(s), s)
-                o = _round_to_fp16(mid - p * half, "offset", name)
-                codes = torch.round((wg - o.unsqueeze(-1)) / s.unsqueeze(-1)).clamp_(0, levels).long()
-                deq = codes * s.unsqueeze(-1) + o.unsqueeze(-1)
-            err = (deq - wg).square_().sum(dim=-1)
+            s, o = self._scale_candidate(wg, p, symmetric, name)
+            codes = self.encode_with(wg, s, o)
+            err = (self.decode_with(codes, s, o) - wg).square_().sum(dim=-1)
             if best is None:
                 best = [err, codes, s, o]
                 continue

@@ -24,14 +24,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..formats import FORMATS
-from ..nn import MetalQuantizedLinear, QuantizedExperts, is_fused_experts
+from ..nn import MetalQuantizedLinear, QuantizedExperts, TrellisLinear, is_fused_experts
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "metal_marlin"
 QUANT_CONFIG_FILE = "quantization_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 2**30
-QUANTIZED_TENSOR_SUFFIXES = (".packed", ".scales", ".offsets")
+QUANTIZED_TENSOR_SUFFIXES = (".packed", ".scales", ".offsets", ".trellis", ".su", ".sv")
+DEFAULT_KEYS = ("format", "bits", "group_size", "symmetric", "codebook")
 
 
 class CheckpointError(ValueError):
@@ -49,6 +50,10 @@ def describe_quantized_modules(model: nn.Module) -> tuple[dict[str, dict[str, An
             modules[name] = {"kind": "linear", "format": mod.format, "group_size": mod.group_size,
                              "symmetric": mod.symmetric, "in_features": mod.in_features,
                              "out_features": mod.out_features, "bias": mod.bias is not None}
+        elif isinstance(mod, TrellisLinear):
+            modules[name] = {"kind": "linear", "format": "trellis", "bits": mod.bits, "codebook": mod.codebook,
+                             "had_in": mod.had_in, "had_out": mod.had_out, "in_features": mod.in_features,
+                             "out_features": mod.out_features, "bias": mod.bias is not None}
         elif isinstance(mod, QuantizedExperts):
             part = mod.gate_up_proj
             modules[name] = {"kind": "experts", "format": part.format, "group_size": part.group_size,
@@ -63,12 +68,13 @@ def build_quantization_config(model: nn.Module, quantizer: Mapping[str, Any] | N
     modules, dense = describe_quantized_modules(model)
     if not modules:
         raise CheckpointError("the model has no quantized modules (run replace_linear_layers or a quantizer first)")
-    common = collections.Counter((m["format"], m["group_size"], m["symmetric"]) for m in modules.values())
-    fmt, group_size, symmetric = common.most_common(1)[0][0]
+    common = collections.Counter(tuple((k, m[k]) for k in DEFAULT_KEYS if k in m) for m in modules.values())
+    default = dict(common.most_common(1)[0][0])
+    default.setdefault("bits", FORMATS[default["format"]].bits)
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "default": {"format": fmt, "bits": FORMATS[fmt].bits, "group_size": group_size, "symmetric": symmetric},
+        "default": default,
         "modules": modules,
         "dense_modules": dense,
         "quantizer": dict(quantizer or {"method": "rtn"}),
@@ -96,6 +102,13 @@ def install_quantized_modules(model: nn.Module, qconfig: Mapping[str, Any], devi
             old = model.get_submodule(name)
         except AttributeError as err:
             raise CheckpointError(f"quantized module {name!r} does not exist in this model") from err
+        if spec["format"] == "trellis":
+            new = TrellisLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], bits=spec["bits"],
+                                codebook=spec["codebook"], had_in=spec["had_in"], had_out=spec["had_out"],
+                                device=device, name=name)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            continue
         settings = dict(format=spec["format"], group_size=spec["group_size"], symmetric=spec["symmetric"],
                         device=device, name=name)
         if spec["kind"] == "linear":

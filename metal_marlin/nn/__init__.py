@@ -3,7 +3,17 @@
 from .buffers import QuantizedWeightBuffers
 from .experts import DenseExperts, GroupedExperts, QuantizedExperts
 from .linear import MetalQuantizedLinear
-from .replace import DEFAULT_SKIP, ReplacementSummary, dequantize_model, is_fused_experts, replace_linear_layers
+from .replace import (
+    DEFAULT_SKIP,
+    ReplacementSummary,
+    dequantize_model,
+    is_fused_experts,
+    plan_replacement,
+    quantized_module,
+    replace_linear_layers,
+    replace_module,
+)
+from .trellis import TrellisLinear
 
 __all__ = [
     "DEFAULT_SKIP",
@@ -13,7 +23,11 @@ __all__ = [
     "QuantizedExperts",
     "QuantizedWeightBuffers",
     "ReplacementSummary",
+    "TrellisLinear",
     "dequantize_model",
     "is_fused_experts",
+    "plan_replacement",
+    "quantized_module",
+    "replace_module",
     "replace_linear_layers",
 ]

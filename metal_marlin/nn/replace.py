@@ -10,14 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats import get_format, resolve_group_size
+from ..formats import GroupFormat, get_format, resolve_group_size
+from ..formats.trellis import TILE
 from .experts import DenseExperts, QuantizedExperts
 from .linear import MetalQuantizedLinear
+from .trellis import TrellisLinear
 
 # Embeddings are not nn.Linear and are never touched; the output head is kept dense by default
 # because it is often tied to the embedding and is the most quantization-sensitive matrix.
 DEFAULT_SKIP = (r"(^|\.)lm_head$",)
-SETTING_KEYS = ("format", "group_size", "symmetric", "scale_method")
+SETTING_KEYS = ("format", "bits", "group_size", "symmetric", "scale_method", "codebook")
+GROUP_KEYS = ("group_size", "symmetric", "scale_method")
 
 
 @dataclass
@@ -74,6 +77,64 @@ def _settings_for(name: str, defaults: dict[str, Any], skip: list[re.Pattern],
     return dict(defaults)
 
 
+def _validate(name: str, module: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+    """Resolve and check one module's settings before anything is modified."""
+    fmt = get_format(settings["format"], settings["bits"])
+    settings = {**settings, "format": fmt.name}
+    is_linear = isinstance(module, nn.Linear)
+    if isinstance(fmt, GroupFormat):
+        if settings["symmetric"] is False and not fmt.supports_asymmetric:
+            raise ValueError(f"{name}: format {fmt.name} has no asymmetric variant")
+        dims = [module.in_features] if is_linear else [module.gate_up_proj.shape[-1], module.down_proj.shape[-1]]
+        for k in dims:
+            resolve_group_size(settings["group_size"], k, name)
+        return settings
+    if not is_linear:
+        raise ValueError(f"{name}: the trellis format is not available for fused MoE experts yet; give them a "
+                         "group format with layer_config (e.g. {r'experts': {'format': 'int4'}})")
+    if module.in_features % TILE or module.out_features % TILE:
+        raise ValueError(f"{name}: trellis needs dimensions that are multiples of {TILE}, got "
+                         f"{module.out_features}x{module.in_features}")
+    return settings
+
+
+def quantized_module(name: str, module: nn.Module, settings: dict[str, Any], hessian=None) -> nn.Module:
+    """The quantized replacement of ``module`` (validated settings; ``hessian`` only for trellis)."""
+    if settings["format"] == "trellis":
+        return TrellisLinear.from_float(module, bits=settings["bits"] or 4, codebook=settings["codebook"],
+                                        hessian=hessian, name=name)
+    group = {k: settings[k] for k in GROUP_KEYS}
+    if isinstance(module, nn.Linear):
+        return MetalQuantizedLinear.from_float(module, settings["format"], name=name, **group)
+    return QuantizedExperts.from_float(module, settings["format"], name=name, **group)
+
+
+def plan_replacement(
+    model: nn.Module,
+    defaults: dict[str, Any],
+    skip: Iterable[str] = DEFAULT_SKIP,
+    layer_config: Mapping[str, Mapping[str, Any] | None] | None = None,
+) -> tuple[list[tuple[str, nn.Module, dict[str, Any]]], list[str]]:
+    """Every linear / fused-experts module with its validated settings, and the names kept dense."""
+    skip_patterns = [re.compile(p) for p in skip]
+    config = [(re.compile(p), o) for p, o in (layer_config or {}).items()]
+    plan, dense = [], []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or is_fused_experts(module)):
+            continue
+        settings = _settings_for(name, defaults, skip_patterns, config)
+        if settings is None:
+            dense.append(name)
+        else:
+            plan.append((name, module, _validate(name, module, settings)))
+    return plan, dense
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
 def replace_linear_layers(
     model: nn.Module,
     format: str = "int4",
@@ -82,39 +143,23 @@ def replace_linear_layers(
     skip: Iterable[str] = DEFAULT_SKIP,
     layer_config: Mapping[str, Mapping[str, Any] | None] | None = None,
     scale_method: str = "mse",
+    bits: int | None = None,
+    codebook: str = "3inst",
     progress: bool = False,
 ) -> ReplacementSummary:
-    """Replace ``nn.Linear`` modules and fused MoE experts of ``model`` with quantized ones, in place.
+    """Replace ``nn.Linear`` modules and fused MoE experts of ``model`` with quantized ones, in place,
+    by round-to-nearest (group formats) or trellis coding without calibration (``format="trellis"``).
 
     ``skip``: regexes (``re.search`` on the qualified module name) of modules to keep dense.
-    ``layer_config``: ``{regex: {"format": ..., "group_size": ..., "symmetric": ..., "scale_method": ...}}``
-    overrides, or ``{regex: None}`` to keep a module dense; the first matching pattern wins and it
-    takes precedence over ``skip``. Every target is validated before any module is touched, so a bad
-    setting raises with the module's name and leaves the model unchanged.
+    ``layer_config``: ``{regex: {"format": ..., "bits": ..., "group_size": ..., "symmetric": ...,
+    "scale_method": ..., "codebook": ...}}`` overrides, or ``{regex: None}`` to keep a module dense; the
+    first matching pattern wins and it takes precedence over ``skip``. Every target is validated before
+    any module is touched, so a bad setting raises with the module's name and leaves the model unchanged.
     """
-    defaults = {"format": format, "group_size": group_size, "symmetric": symmetric, "scale_method": scale_method}
-    skip_patterns = [re.compile(p) for p in skip]
-    config = [(re.compile(p), o) for p, o in (layer_config or {}).items()]
-
-    plan: list[tuple[str, nn.Module, dict[str, Any]]] = []
-    summary = ReplacementSummary()
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or is_fused_experts(module)):
-            continue
-        settings = _settings_for(name, defaults, skip_patterns, config)
-        if settings is None:
-            summary.kept_dense.append(name)
-            continue
-        fmt = get_format(settings["format"])
-        sym = settings["symmetric"]
-        if sym is False and not fmt.supports_asymmetric:
-            raise ValueError(f"{name}: format {fmt.name} has no asymmetric variant")
-        in_features = module.in_features if isinstance(module, nn.Linear) else module.gate_up_proj.shape[-1]
-        resolve_group_size(settings["group_size"], in_features, name)
-        if not isinstance(module, nn.Linear):
-            resolve_group_size(settings["group_size"], module.down_proj.shape[-1], f"{name}.down_proj")
-        plan.append((name, module, settings))
-
+    defaults = {"format": format, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+                "scale_method": scale_method, "codebook": codebook}
+    plan, dense = plan_replacement(model, defaults, skip, layer_config)
+    summary = ReplacementSummary(kept_dense=dense)
     items: Iterable = plan
     if progress:
         from tqdm.auto import tqdm
@@ -123,13 +168,9 @@ def replace_linear_layers(
     with torch.no_grad():
         for name, module, settings in items:
             summary.bytes_before += _param_bytes(module)
-            if isinstance(module, nn.Linear):
-                new = MetalQuantizedLinear.from_float(module, name=name, **settings)
-            else:
-                new = QuantizedExperts.from_float(module, name=name, **settings)
+            new = quantized_module(name, module, settings)
             summary.bytes_after += _param_bytes(new)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, new)
+            replace_module(model, name, new)
             summary.replaced.append(name)
     return summary
 
@@ -137,11 +178,11 @@ def replace_linear_layers(
 def dequantize_model(model: nn.Module) -> int:
     """Replace every quantized module of ``model`` by its dense float32 equivalent, in place (the inverse
     of ``replace_linear_layers`` up to rounding). Returns the number of modules replaced."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (MetalQuantizedLinear, QuantizedExperts))]
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (MetalQuantizedLinear, TrellisLinear, QuantizedExperts))]
     for name, mod in targets:
-        if isinstance(mod, MetalQuantizedLinear):
-            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                              device=mod.packed.device)
+        if isinstance(mod, (MetalQuantizedLinear, TrellisLinear)):
+            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             with torch.no_grad():
                 dense.weight.copy_(mod.dequantize_weight())
                 if mod.bias is not None:
@@ -149,6 +190,5 @@ def dequantize_model(model: nn.Module) -> int:
         else:
             dense = DenseExperts(mod.gate_up_proj.dequantize_weight(), mod.down_proj.dequantize_weight(), mod.act_fn,
                                  name)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, dense)
+        replace_module(model, name, dense)
     return len(targets)

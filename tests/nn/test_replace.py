@@ -161,7 +161,7 @@ def test_group_size_larger_than_some_rows_uses_a_short_last_group(token_ids):
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(format="int5"), "unknown format 'int5'"),
     (dict(format="fp4", symmetric=False), "fp4 has no asymmetric"),
-    (dict(layer_config={"q_proj": {"bits": 4}}), r"unknown keys \['bits'\]"),
+    (dict(layer_config={"q_proj": {"bitz": 4}}), r"unknown keys \['bitz'\]"),
     (dict(scale_method="best"), "unknown scale_method"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, match):

@@ -36,19 +36,44 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .formats import get_format
+    import shutil
+    from pathlib import Path
+
+    from .formats import GroupFormat, get_format
     from .models import save_quantized
     from .models.checkpoint import check_output_dir
+    from .models.quantize import CalibrationSettings, quantize_model
     from .nn import dequantize_model, replace_linear_layers
 
     fmt = get_format(args.format, args.bits)
+    method = args.method or ("rtn" if isinstance(fmt, GroupFormat) else "ldlq")
+    if (method == "gptq") != isinstance(fmt, GroupFormat) and method != "rtn":
+        raise ValueError(f"--method {method} does not apply to format {fmt.name} "
+                         "(gptq is for group formats, ldlq for trellis)")
+    if args.calibration and method == "rtn":
+        raise ValueError("--calibration needs --method gptq (group formats) or ldlq (trellis)")
     check_output_dir(args.out, args.overwrite)
-    model, tokenizer = _load(args, need_tokenizer=False)
+    settings = dict(format=fmt.name, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                    scale_method=args.scale_method, codebook=args.codebook, skip=args.skip)
+    model, tokenizer = _load(args, need_tokenizer=method != "rtn")
     dequantize_model(model)
-    summary = replace_linear_layers(model, format=fmt.name, group_size=args.group_size, symmetric=args.symmetric,
-                                    skip=args.skip, scale_method=args.scale_method, progress=True)
-    quantizer = {"method": "rtn", "scale_method": args.scale_method, "source": args.model or "embedded-default"}
+    out = Path(args.out)
+    work_dir = out.parent / f".{out.name}.partial"
+    if method == "rtn":
+        summary = replace_linear_layers(model, progress=True, **settings)
+    else:
+        if work_dir.exists():
+            print(f"resuming from {work_dir}", file=sys.stderr)
+        text = None if args.calibration is None else Path(args.calibration).read_text(encoding="utf-8")
+        calibration = CalibrationSettings(n_samples=args.samples, seq_len=args.calib_seq_len, act_order=args.act_order)
+        summary = quantize_model(model, tokenizer, calibration_text=text, calibration=calibration,
+                                 work_dir=work_dir, progress=True, **settings)
+    quantizer = {"method": method, "scale_method": args.scale_method, "source": args.model or "embedded-default"}
+    if method != "rtn":
+        quantizer.update(calibration=args.calibration or "default corpus", samples=args.samples,
+                         seq_len=args.calib_seq_len, act_order=args.act_order)
     save_quantized(model, args.out, tokenizer, quantizer=quantizer, overwrite=args.overwrite)
+    shutil.rmtree(work_dir, ignore_errors=True)
     print(f"{summary}\nwrote {args.out}")
     return 0
 
@@ -127,8 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model and save a metal-marlin checkpoint")
     p.add_argument("model", metavar="MODEL", help="checkpoint dir, GGUF file, transformers dir or hub id")
     p.add_argument("out", metavar="OUT", help="output checkpoint directory")
-    p.add_argument("--format", default="int4", help="int2, int3, int4, int8, fp4, fp8 (or a family with --bits)")
-    p.add_argument("--bits", type=int, default=None, help="bit width when --format names a family (int, fp)")
+    p.add_argument("--format", default="int4",
+                   help="int2, int3, int4, int8, fp4, fp8, trellis (or a family int/fp with --bits)")
+    p.add_argument("--bits", type=int, default=None, help="trellis bits (1-8, default 4), or the width of a family")
+    p.add_argument("--method", choices=["rtn", "gptq", "ldlq"], default=None,
+                   help="rtn: round to nearest (group formats' default); gptq: calibrated, group formats; "
+                        "ldlq: calibrated trellis (trellis default)")
+    p.add_argument("--calibration", default=None, metavar="TEXTFILE",
+                   help="calibration text for gptq/ldlq (default: the default corpus, after its first 8192 tokens)")
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing Hessian diagonal")
+    p.add_argument("--codebook", default="3inst", choices=["3inst", "1mad", "mcg", "mul1"], help="trellis codebook")
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, ... or -1 for per-channel")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)

@@ -18,7 +18,10 @@ def sylvester(block: int) -> torch.Tensor:
     if block <= 0 or block & (block - 1):
         raise ValueError(f"Hadamard block size must be a power of two, got {block}")
     idx = torch.arange(block)
-    parity = (idx.unsqueeze(1) & idx.unsqueeze(0)).to(torch.uint8).bitwise_count() & 1
+    both = idx.unsqueeze(1) & idx.unsqueeze(0)
+    parity = torch.zeros_like(both)
+    for bit in range(max(block.bit_length() - 1, 0)):
+        parity ^= (both >> bit) & 1
     return (1.0 - 2.0 * parity.double()) / block**0.5
 
 

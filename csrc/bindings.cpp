@@ -18,6 +18,8 @@ using namespace nb::literals;
 
 namespace mm = metal_marlin;
 
+void register_trellis_bindings(nb::module_& m);  // csrc/cpu/trellis_bindings.cpp
+
 namespace {
 
 // Not convertible: a non-contiguous or non-CPU tensor is rejected instead of silently copied (a
@@ -194,6 +196,8 @@ void dequantize(const Tensor& packed, const Tensor& scales, const Tensor& offset
 
 NB_MODULE(_core, m) {
   m.doc() = "metal-marlin C++ kernels (CPU)";
+
+  register_trellis_bindings(m);
 
   m.def("build_info", []() { return "cpu"; });
 

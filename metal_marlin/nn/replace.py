@@ -71,7 +71,10 @@ def _settings_for(name: str, defaults: dict[str, Any], skip: list[re.Pattern],
             if unknown:
                 raise ValueError(f"layer_config[{pattern.pattern!r}]: unknown keys {sorted(unknown)}; "
                                  f"allowed: {SETTING_KEYS}")
-            return {**defaults, **override}
+            merged = {**defaults, **override}
+            if "format" in override and "bits" not in override:
+                merged["bits"] = None  # a different format does not inherit the default's width
+            return merged
     if any(p.search(name) for p in skip):
         return None
     return dict(defaults)

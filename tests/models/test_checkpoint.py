@@ -183,3 +183,17 @@ def test_unknown_format_in_module(saved):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a metal-marlin checkpoint"):
         load_quantized_model(tmp_path)
+
+
+def test_trellis_round_trip(tmp_path):
+    model = build_model("qwen3_moe")
+    replace_linear_layers(model, format="trellis", bits=2, codebook="mul1", group_size=32,
+                          layer_config={r"experts$": {"format": "int3"}})
+    save_quantized(model, tmp_path / "ck")
+    qconfig = json.loads((tmp_path / "ck" / "quantization_config.json").read_text())
+    spec = qconfig["modules"]["model.layers.1.self_attn.q_proj"]
+    assert spec | {} == {**spec, "format": "trellis", "bits": 2, "codebook": "mul1", "had_in": 32, "had_out": 128}
+    assert qconfig["default"]["format"] == "trellis"
+    loaded, _ = load_quantized_model(tmp_path / "ck")
+    assert torch.equal(logits(loaded), logits(model))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "ck")), logits(model))

@@ -13,6 +13,7 @@ import torch
 from tiny_models import CONFIGS, build_model
 
 from metal_marlin import MetalQuantizedLinear, QuantizedExperts, replace_linear_layers
+from metal_marlin.nn import TrellisLinear
 
 ARCHS = list(CONFIGS)
 
@@ -22,7 +23,7 @@ def dequantized_twin(original: torch.nn.Module, quantized: torch.nn.Module) -> t
     twin = copy.deepcopy(original)
     with torch.no_grad():
         for name, mod in quantized.named_modules():
-            if isinstance(mod, MetalQuantizedLinear):
+            if isinstance(mod, (MetalQuantizedLinear, TrellisLinear)):
                 twin.get_submodule(name).weight.copy_(mod.dequantize_weight())
             elif isinstance(mod, QuantizedExperts):
                 target = twin.get_submodule(name)
@@ -201,3 +202,20 @@ def test_forward_error_names_layer():
         layer(torch.ones(2, 160, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: .*K=100"):
         layer(torch.ones(2, 100))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trellis_logits_equal_dequantized_model(arch, token_ids):
+    original = build_model(arch)
+    quantized = copy.deepcopy(original)
+    replace_linear_layers(quantized, format="trellis", bits=3, layer_config={r"experts$": {"format": "int4"}},
+                          group_size=32)
+    assert isinstance(quantized.model.layers[0].self_attn.o_proj, TrellisLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(token_ids).logits, dequantized_twin(original, quantized)(token_ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_trellis_experts_are_refused_clearly():
+    with pytest.raises(ValueError, match=r"mlp\.experts: the trellis format is not available for fused MoE experts"):
+        replace_linear_layers(build_model("qwen3_moe"), format="trellis", bits=3)

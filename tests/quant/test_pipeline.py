@@ -92,3 +92,13 @@ def test_calibration_text_too_short():
     with pytest.raises(ValueError, match="fewer than one window"):
         quantize_model(build_model("llama"), CharTokenizer(), format="int4", group_size=32, calibration_text="ab",
                        calibration=SETTINGS)
+
+
+def test_trellis_ldlq_pipeline_beats_plain_trellis():
+    original = build_model("llama")
+    ids = torch.tensor([CharTokenizer()(TEXT[:200]).input_ids[:96]])
+    plain = copy.deepcopy(original)
+    replace_linear_layers(plain, format="trellis", bits=2)
+    ldlq = copy.deepcopy(original)
+    quantize_model(ldlq, CharTokenizer(), format="trellis", bits=2, calibration_text=TEXT, calibration=SETTINGS)
+    assert output_error(ldlq, original, ids) < output_error(plain, original, ids)

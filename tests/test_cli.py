@@ -101,3 +101,16 @@ def test_threads_flag():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_quantize_trellis_and_info(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "tr"
+    assert main(["quantize", str(tiny_gguf), str(out), "--format", "trellis", "--bits", "3", "--method", "rtn"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "trellis K=3" in text and "3inst" in text
+    row = next(line for line in text.splitlines() if line.startswith("trellis K=3"))
+    assert abs(float(row.split()[-1]) - 3.0) < 0.3  # bits/weight: 3 plus the two float16 vectors
+    assert main(["quantize", str(tiny_gguf), str(tmp_path / "x"), "--format", "int4", "--method", "ldlq"]) == 1
+    assert "does not apply to format int4" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import INDEX_FILE, QUANT_CONFIG_FILE, read_quantization_config
+from .checkpoint import INDEX_FILE, QUANT_CONFIG_FILE, QUANTIZED_TENSOR_SUFFIXES, read_quantization_config
 
 
 def _table(rows: list[tuple], header: tuple) -> str:
@@ -49,9 +49,12 @@ def describe_checkpoint(path: Path) -> str:
         else:
             weights = 3 * spec["num_experts"] * spec["hidden_dim"] * spec["intermediate_dim"]
         nbytes = sum(b for key, (_, b) in sizes.items() if key.startswith(name + ".")
-                     and key.endswith((".packed", ".scales", ".offsets")))
-        kind = "sym" if spec["symmetric"] else "asym"
-        row = groups[(spec["format"], spec["group_size"], kind, spec["kind"])]
+                     and key.endswith(QUANTIZED_TENSOR_SUFFIXES))
+        if spec["format"] == "trellis":
+            fmt, group, grid = f"trellis K={spec['bits']}", "16x16", spec["codebook"]
+        else:
+            fmt, group, grid = spec["format"], spec["group_size"], "sym" if spec["symmetric"] else "asym"
+        row = groups[(fmt, str(group), grid, spec["kind"])]
         row[0] += 1
         row[1] += weights
         row[2] += nbytes

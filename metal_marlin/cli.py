@@ -50,6 +50,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if (method == "gptq") != isinstance(fmt, GroupFormat) and method != "rtn":
         raise ValueError(f"--method {method} does not apply to format {fmt.name} "
                          "(gptq is for group formats, ldlq for trellis)")
+    if args.bpw is not None and (fmt.name != "trellis" or method != "ldlq"):
+        raise ValueError("--bpw chooses trellis bits per tensor: use it with --format trellis (method ldlq)")
     if args.calibration and method == "rtn":
         raise ValueError("--calibration needs --method gptq (group formats) or ldlq (trellis)")
     check_output_dir(args.out, args.overwrite)
@@ -67,11 +69,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         text = None if args.calibration is None else Path(args.calibration).read_text(encoding="utf-8")
         calibration = CalibrationSettings(n_samples=args.samples, seq_len=args.calib_seq_len, act_order=args.act_order)
         summary = quantize_model(model, tokenizer, calibration_text=text, calibration=calibration,
-                                 work_dir=work_dir, progress=True, **settings)
+                                 work_dir=work_dir, bpw=args.bpw, progress=True, **settings)
     quantizer = {"method": method, "scale_method": args.scale_method, "source": args.model or "embedded-default"}
     if method != "rtn":
         quantizer.update(calibration=args.calibration or "default corpus", samples=args.samples,
-                         seq_len=args.calib_seq_len, act_order=args.act_order)
+                         seq_len=args.calib_seq_len, act_order=args.act_order, bpw=args.bpw)
     save_quantized(model, args.out, tokenizer, quantizer=quantizer, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     print(f"{summary}\nwrote {args.out}")
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=32, help="calibration sequences")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing Hessian diagonal")
+    p.add_argument("--bpw", type=float, default=None,
+                   help="trellis: average bits per weight; bits per tensor chosen from a Hessian-weighted proxy")
     p.add_argument("--codebook", default="3inst", choices=["3inst", "1mad", "mcg", "mul1"], help="trellis codebook")
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, ... or -1 for per-channel")
     sym = p.add_mutually_exclusive_group()

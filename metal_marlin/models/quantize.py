@@ -26,6 +26,7 @@ from torch import nn
 from ..formats import GroupFormat, get_format
 from ..nn import DEFAULT_SKIP, ReplacementSummary, plan_replacement, quantized_module, replace_module
 from ..nn.linear import MetalQuantizedLinear
+from ..quant.allocation import TensorCost, allocate_bits
 from ..quant.gptq import gptq_quantize
 from ..quant.hessian import HessianAccumulator
 from .checkpoint import describe_quantized_modules, install_quantized_modules
@@ -128,6 +129,7 @@ def quantize_model(
     calibration_text: str | None = None,
     calibration: CalibrationSettings | None = None,
     work_dir: str | os.PathLike | None = None,
+    bpw: float | None = None,
     progress: bool = False,
 ) -> ReplacementSummary:
     """Quantize ``model`` in place with calibration (GPTQ / trellis LDLQ), layer by layer.
@@ -135,7 +137,8 @@ def quantize_model(
     ``calibration_text`` defaults to the default corpus. With ``work_dir``, finished layers are saved
     there and an interrupted run with the same settings continues from the last finished layer.
     Modules outside the decoder layers, and fused MoE experts (no per-expert Hessians yet), are
-    quantized without calibration.
+    quantized without calibration. ``bpw`` (trellis only) sets an average bits-per-weight budget and
+    chooses each tensor's bits (``metal_marlin.quant.allocation``).
     """
     from ..eval import load_corpus
 
@@ -145,9 +148,16 @@ def quantize_model(
     plan, dense = plan_replacement(model, defaults, skip, layer_config)
     planned = {name: (module, settings) for name, module, settings in plan}
     summary = ReplacementSummary(kept_dense=dense)
+    text = load_corpus() if calibration_text is None else calibration_text
+    batches = calibration_batches(tokenizer, text, calibration)
+    if bpw is not None:
+        for name, bits in _allocate(model, planned, batches, bpw).items():
+            module, settings = planned[name]
+            planned[name] = (module, {**settings, "bits": bits})
     run_key = {"settings": {k: str(v) for k, v in defaults.items()}, "skip": list(skip),
                "layer_config": {k: v for k, v in (layer_config or {}).items()},
-               "calibration": calibration.__dict__, "modules": sorted(planned)}
+               "calibration": calibration.__dict__, "bpw": bpw,
+               "modules": {name: str(settings) for name, (_, settings) in sorted(planned.items())}}
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
@@ -158,10 +168,9 @@ def quantize_model(
 
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
-    text = load_corpus() if calibration_text is None else calibration_text
     state = QuantizeProgress()
     with torch.no_grad():
-        captured = _capture_first_layer_inputs(model, layers, calibration_batches(tokenizer, text, calibration))
+        captured = _capture_first_layer_inputs(model, layers, batches)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -203,6 +212,33 @@ def quantize_model(
                 replace_module(model, name, new)
                 summary.replaced.append(name)
     return summary
+
+
+def _allocate(model: nn.Module, planned: dict, batches: torch.Tensor, bpw: float) -> dict[str, int]:
+    """Bits per trellis tensor for the ``bpw`` budget, from one calibration pass measuring ``E||x||^2``."""
+    targets = {n: m for n, (m, s) in planned.items() if s["format"] == "trellis" and isinstance(m, nn.Linear)}
+    if not targets:
+        raise ValueError("bpw allocation needs trellis modules (format='trellis')")
+    energy = {n: [0.0, 0] for n in targets}
+
+    def hook(name):
+        def record(mod, args):
+            x = args[0].detach().float()
+            energy[name][0] += x.square().sum().item()
+            energy[name][1] += x.numel() // x.shape[-1]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for row in batches:
+                model(row.unsqueeze(0), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    costs = [TensorCost(n, m.out_features, m.in_features, m.weight.detach().double().square().mean().item(),
+                        energy[n][0] / max(energy[n][1], 1)) for n, m in targets.items()]
+    return allocate_bits(costs, bpw)
 
 
 def _quantize_layer(layer, layer_prefix, targets, captured, calibration, state, bar) -> None:

@@ -192,6 +192,19 @@ void dequantize(const Tensor& packed, const Tensor& scales, const Tensor& offset
   mm::cpu::dequantize(w, dst);
 }
 
+uint64_t read_bandwidth_probe(const Tensor& buffer, int n_threads) {
+  constexpr const char* fn = "read_bandwidth_probe";
+  using Code = nb::dlpack::dtype_code;
+  if (!has_dtype(buffer, Code::UInt, 8) && !has_dtype(buffer, Code::Int, 32)) {
+    type_error(fn, "buffer must be uint8 or int32, got " + dtype_name(buffer.dtype()));
+  }
+  if (n_threads < 1) value_error(fn, "n_threads must be >= 1, got " + std::to_string(n_threads));
+  const int64_t bytes = int64_t(buffer.nbytes());
+  const void* data = buffer.data();
+  nb::gil_scoped_release release;
+  return mm::cpu::read_bandwidth_probe(data, bytes, n_threads);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -202,8 +215,18 @@ NB_MODULE(_core, m) {
   m.def("build_info", []() { return "cpu"; });
 
   m.def("simd_level", &mm::cpu::simd_level,
-        "The CPU kernel path picked for this machine: 'avx2' or 'scalar' (forced by "
-        "METAL_MARLIN_CPU_SIMD=scalar).");
+        "The CPU kernel path in effect: 'avx512', 'avx2' or 'scalar'. The process starts on the best "
+        "path the CPU supports; set_simd_level changes it.");
+
+  m.def("set_simd_level", &mm::cpu::set_simd_level, "level"_a,
+        "Switches the CPU kernel path for the whole process: 'auto' (the best this CPU supports), "
+        "'avx512', 'avx2' or 'scalar'. Returns the previous level (pass it back to restore). Raises "
+        "ValueError for an unknown name or a path this CPU cannot run.");
+
+  m.def("read_bandwidth_probe", &read_bandwidth_probe, "buffer"_a.noconvert(), "n_threads"_a,
+        "Reads every byte of buffer (contiguous uint8 or int32) once with wide loads split over "
+        "n_threads threads of the kernels' pool, and returns a checksum. Time it on a large buffer for "
+        "this machine's streaming read bandwidth.");
 
   m.def("quant_matmul", &quant_matmul, "x"_a.noconvert(), "packed"_a.noconvert(), "scales"_a.noconvert(),
         "offsets"_a.noconvert().none(), "bias"_a.noconvert().none(), "out"_a.noconvert(), "format"_a,

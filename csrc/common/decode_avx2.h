@@ -13,8 +13,6 @@
 
 #if METAL_MARLIN_X86
 
-#include <immintrin.h>
-
 #include <cstdint>
 
 #include "common/formats.h"
@@ -23,6 +21,11 @@ namespace metal_marlin::avx2 {
 
 template <Format F>
 struct BlockDecoder;
+
+struct EightLanes {
+  static constexpr int kVectors = 4;
+  static constexpr int kLanes = 8;
+};
 
 // Shared by int2 and int3: the block's two 2-bit-plane words, lane j reading word j % 2 shifted
 // down by 8 * (j / 2), so vector i masks bits 2i..2i+1 in place (lane = lo * 4^i).
@@ -34,7 +37,7 @@ METAL_MARLIN_AVX2 inline __m256i load_two_bit_plane(const uint32_t* words) {
 constexpr int two_bit_plane_lane_code(int i, int j) { return 16 * (j & 1) + 4 * (j >> 1) + i; }
 
 template <>
-struct BlockDecoder<Format::kInt2> {
+struct BlockDecoder<Format::kInt2> : EightLanes {
   static constexpr float kUnit = 1.0f;
   static constexpr float kVectorUnit[4] = {1.0f, 0x1p-2f, 0x1p-4f, 0x1p-6f};
   static constexpr int lane_code(int i, int j) { return two_bit_plane_lane_code(i, j); }
@@ -48,7 +51,7 @@ struct BlockDecoder<Format::kInt2> {
 };
 
 template <>
-struct BlockDecoder<Format::kInt3> {
+struct BlockDecoder<Format::kInt3> : EightLanes {
   static constexpr float kUnit = 1.0f;
   static constexpr float kVectorUnit[4] = {1.0f, 0x1p-2f, 0x1p-4f, 0x1p-6f};
   static constexpr int lane_code(int i, int j) { return two_bit_plane_lane_code(i, j); }
@@ -75,7 +78,7 @@ struct BlockDecoder<Format::kInt3> {
 };
 
 template <>
-struct BlockDecoder<Format::kInt4> {
+struct BlockDecoder<Format::kInt4> : EightLanes {
   static constexpr float kUnit = 1.0f;
   static constexpr float kVectorUnit[4] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f};
   // Lanes 0-3 read words 0-3, lanes 4-7 the same words shifted down 16 bits; vector i masks nibble i
@@ -92,7 +95,7 @@ struct BlockDecoder<Format::kInt4> {
 };
 
 template <>
-struct BlockDecoder<Format::kInt8> {
+struct BlockDecoder<Format::kInt8> : EightLanes {
   static constexpr float kUnit = 1.0f;
   static constexpr float kVectorUnit[4] = {1.0f, 1.0f, 1.0f, 1.0f};
   static constexpr int lane_code(int i, int j) { return 8 * i + j; }
@@ -106,7 +109,7 @@ struct BlockDecoder<Format::kInt8> {
 };
 
 template <>
-struct BlockDecoder<Format::kFp4> {
+struct BlockDecoder<Format::kFp4> : EightLanes {
   // The lane is 2 * E2M1(u) placed in the top byte of an int32.
   static constexpr float kUnit = 0x1p-25f;
   static constexpr float kVectorUnit[4] = {1.0f, 1.0f, 1.0f, 1.0f};
@@ -136,7 +139,7 @@ struct BlockDecoder<Format::kFp4> {
 };
 
 template <>
-struct BlockDecoder<Format::kFp8> {
+struct BlockDecoder<Format::kFp8> : EightLanes {
   // ((u & 0x7F) << 7) | ((u & 0x80) << 8) is the float16 whose value is E4M3(u) * 2^-8, exactly,
   // subnormals included (codes 0x7F/0xFF, NaN in E4M3, come out as +-480).
   static constexpr float kUnit = 0x1p8f;

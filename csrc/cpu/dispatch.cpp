@@ -1,6 +1,6 @@
-// Picks the kernel path once per process from what the CPU supports.
-#include <cstdlib>
-#include <cstring>
+// Picks the kernel path: the best the CPU supports, unless set_simd_level chose another.
+#include <atomic>
+#include <stdexcept>
 #include <vector>
 
 #include "common/simd.h"
@@ -13,30 +13,68 @@
 namespace metal_marlin::cpu {
 namespace {
 
-bool cpu_supports_avx2_fma_f16c() {
+SimdLevel detect_simd_level() {
 #if METAL_MARLIN_X86
-  // F16C is read from CPUID directly: not every compiler's __builtin_cpu_supports knows it.
+  // F16C is read from CPUID directly: not every compiler's __builtin_cpu_supports knows it. The
+  // avx512 checks include the OS saving the ZMM state (libgcc and compiler-rt test XCR0).
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)) return SimdLevel::kScalar;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return SimdLevel::kAvx512;
+  }
+  return SimdLevel::kAvx2;
 #else
-  return false;
+  return SimdLevel::kScalar;
 #endif
 }
 
-// METAL_MARLIN_CPU_SIMD=scalar forces the portable kernels (to test them on an AVX2 machine).
-bool use_avx2() {
-  static const bool avx2 = [] {
-    const char* forced = std::getenv("METAL_MARLIN_CPU_SIMD");
-    if (forced && std::strcmp(forced, "scalar") == 0) return false;
-    return cpu_supports_avx2_fma_f16c();
-  }();
-  return avx2;
+std::atomic<SimdLevel>& level_in_effect() {
+  static std::atomic<SimdLevel> level{best_simd_level()};
+  return level;
 }
 
 }  // namespace
 
-const char* simd_level() { return use_avx2() ? "avx2" : "scalar"; }
+SimdLevel best_simd_level() {
+  static const SimdLevel best = detect_simd_level();
+  return best;
+}
+
+SimdLevel current_simd_level() { return level_in_effect().load(std::memory_order_relaxed); }
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::kAvx512: return "avx512";
+    case SimdLevel::kAvx2: return "avx2";
+    case SimdLevel::kScalar: break;
+  }
+  return "scalar";
+}
+
+const char* simd_level() { return simd_level_name(current_simd_level()); }
+
+std::string set_simd_level(const std::string& name) {
+  SimdLevel level;
+  if (name == "auto") {
+    level = best_simd_level();
+  } else if (name == "avx512") {
+    level = SimdLevel::kAvx512;
+  } else if (name == "avx2") {
+    level = SimdLevel::kAvx2;
+  } else if (name == "scalar") {
+    level = SimdLevel::kScalar;
+  } else {
+    throw std::invalid_argument("set_simd_level: unknown level '" + name +
+                                "'; expected 'auto', 'avx512', 'avx2' or 'scalar'");
+  }
+  if (level > best_simd_level()) {
+    throw std::invalid_argument("set_simd_level: this CPU cannot run '" + name + "' (best: '" +
+                                simd_level_name(best_simd_level()) + "')");
+  }
+  return simd_level_name(level_in_effect().exchange(level));
+}
 
 void quant_matmul(const MatmulArgs& args) {
   if (args.m == 0 || args.w.n == 0) return;
@@ -45,17 +83,23 @@ void quant_matmul(const MatmulArgs& args) {
     for (int64_t row = 0; row < args.m; ++row) store_outputs(args, row, 0, args.w.n, zeros.data());
     return;
   }
+  switch (current_simd_level()) {
 #if METAL_MARLIN_X86
-  if (use_avx2()) return quant_matmul_avx2(args);
+    case SimdLevel::kAvx512: return quant_matmul_avx512(args);
+    case SimdLevel::kAvx2: return quant_matmul_avx2(args);
 #endif
-  quant_matmul_scalar(args);
+    default: return quant_matmul_scalar(args);
+  }
 }
 
 void dequantize(const QuantizedMatrix& w, float* out) {
+  switch (current_simd_level()) {
 #if METAL_MARLIN_X86
-  if (use_avx2()) return dequantize_avx2(w, out);
+    case SimdLevel::kAvx512: return dequantize_avx512(w, out);
+    case SimdLevel::kAvx2: return dequantize_avx2(w, out);
 #endif
-  dequantize_scalar(w, out);
+    default: return dequantize_scalar(w, out);
+  }
 }
 
 }  // namespace metal_marlin::cpu

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/dtypes.h"
@@ -20,16 +21,35 @@ struct MatmulArgs {
   int n_threads;      // >= 1
 };
 
-// Entry points: pick the best path for this machine.
+// The kernel paths, slowest to fastest. The process starts on the best one the CPU supports;
+// set_simd_level switches (tests run every path in one process, benchmarks compare them).
+enum class SimdLevel { kScalar, kAvx2, kAvx512 };
+
+SimdLevel best_simd_level();          // what this CPU (and OS) can run
+SimdLevel current_simd_level();       // the path in effect
+const char* simd_level_name(SimdLevel level);
+const char* simd_level();             // name of the path in effect
+// Sets the path by name ("auto" = best_simd_level(), "avx512", "avx2", "scalar") and returns the
+// previous name. Throws std::invalid_argument for an unknown name or a path this CPU cannot run.
+std::string set_simd_level(const std::string& name);
+
+// Entry points: run the path in effect.
 void quant_matmul(const MatmulArgs& args);
 void dequantize(const QuantizedMatrix& w, float* out);  // out: [n, k] float32
-const char* simd_level();                                // "avx2" or "scalar"
 
-// The paths themselves (the AVX2 ones exist only on x86 and need avx2, fma and f16c).
+// Reads all `bytes` bytes at `data` once with the widest loads of the path in effect, split over
+// n_threads threads, and returns a checksum (so the loads cannot be optimised away). Benchmarks
+// time it to get the machine's streaming read bandwidth.
+uint64_t read_bandwidth_probe(const void* data, int64_t bytes, int n_threads);
+
+// The paths themselves (the SIMD ones exist only on x86: AVX2 needs avx2, fma and f16c, AVX-512
+// also avx512f, avx512bw and avx512vl).
 void quant_matmul_scalar(const MatmulArgs& args);
 void dequantize_scalar(const QuantizedMatrix& w, float* out);
 void quant_matmul_avx2(const MatmulArgs& args);
 void dequantize_avx2(const QuantizedMatrix& w, float* out);
+void quant_matmul_avx512(const MatmulArgs& args);
+void dequantize_avx512(const QuantizedMatrix& w, float* out);
 
 // Writes out[row, n0 .. n0 + count) = values + bias, converted to the output dtype.
 inline void store_outputs(const MatmulArgs& args, int64_t row, int64_t n0, int64_t count, const float* values) {

@@ -15,14 +15,13 @@
 
 #if METAL_MARLIN_X86
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "common/decode_avx2.h"
 #include "cpu/kernels.h"
+#include "cpu/lane_order.h"
 #include "cpu/thread_pool.h"
 
 namespace metal_marlin::cpu {
@@ -48,51 +47,8 @@ METAL_MARLIN_AVX2 inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// dst (one row of K) = src in the decoder's lane order, block by block, times `unit(i)` per vector.
-template <Format F, class Unit>
-void permute_row(const float* src, int64_t k, Unit unit, float* dst) {
-  using Decoder = BlockDecoder<F>;
-  for (int64_t base = 0; base < k; base += kBlockCodes) {
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 8; ++j) dst[base + 8 * i + j] = src[base + Decoder::lane_code(i, j)] * unit(i);
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // GEMV
-
-struct GemvInputs {
-  // [k / 32, m, 32]: block b of every activation row is contiguous, permuted to the decoder's lane
-  // order and multiplied by kVectorUnit, so the kernel addresses it with constant offsets.
-  AlignedFloats x;
-  AlignedFloats group_sums;  // [m, groups]: sum of x over each group (offset term, integer formats)
-};
-
-template <Format F>
-void prepare_gemv_inputs(const MatmulArgs& args, GemvInputs& in) {
-  const int64_t k = args.w.k;
-  const int64_t n_groups = args.w.groups_per_row();
-  in.x.resize(args.m * k);
-  in.group_sums.resize(args.m * n_groups);
-  std::vector<float> row(static_cast<size_t>(k));
-  std::vector<float> permuted(static_cast<size_t>(k));
-  for (int64_t m = 0; m < args.m; ++m) {
-    load_activation_row(args, m, row.data());
-    permute_row<F>(row.data(), k, [](int i) { return BlockDecoder<F>::kVectorUnit[i]; }, permuted.data());
-    for (int64_t b = 0; b < k / kBlockCodes; ++b) {
-      std::copy_n(permuted.data() + b * kBlockCodes, kBlockCodes, in.x.data() + (b * args.m + m) * kBlockCodes);
-    }
-    if constexpr (FormatTraits<F>::kInteger) {
-      for (int64_t g = 0; g < n_groups; ++g) {
-        float sum = 0.0f;
-        const int64_t end = std::min(k, (g + 1) * args.w.group_size);
-        for (int64_t i = g * args.w.group_size; i < end; ++i) sum += row[size_t(i)];
-        in.group_sums.data()[m * n_groups + g] = sum;
-      }
-    }
-  }
-}
 
 // FMA chains per activation row. A group's accumulators restart at zero, so with one-block groups
 // out-of-order execution overlaps consecutive groups and one chain suffices; longer groups (up to
@@ -210,7 +166,7 @@ void gemv(const MatmulArgs& args, const GemvInputs& in) {
 template <Format F>
 void gemv_any_rows(const MatmulArgs& args) {
   GemvInputs in;
-  prepare_gemv_inputs<F>(args, in);
+  prepare_gemv_inputs<F, BlockDecoder<F>>(args, in);
   switch (args.m) {
     case 1: return gemv<F, 1>(args, in);
     case 2: return gemv<F, 2>(args, in);
@@ -374,7 +330,7 @@ void gemm(const MatmulArgs& args) {
     pass.rows = std::min(row_block, args.m - pass.m0);
     for (int64_t r = 0; r < pass.rows; ++r) {
       load_activation_row(args, pass.m0 + r, row.data());
-      permute_row<F>(row.data(), k, [](int) { return 1.0f; }, x_block.data() + r * k);
+      permute_row<BlockDecoder<F>>(row.data(), k, [](int) { return 1.0f; }, x_block.data() + r * k);
     }
     for (pass.k0 = 0; pass.k0 < k; pass.k0 += kDepth) {
       pass.depth = std::min(kDepth, k - pass.k0);

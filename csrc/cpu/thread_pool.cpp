@@ -11,9 +11,6 @@
 
 #include "common/simd.h"
 
-#if METAL_MARLIN_X86
-#include <immintrin.h>
-#endif
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
 #endif

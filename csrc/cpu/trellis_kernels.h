@@ -18,7 +18,7 @@ using metal_marlin::trellis::Codebook;
 
 enum class Simd { kScalar, kAvx2, kAvx512 };
 
-// The best path this machine supports (METAL_MARLIN_CPU_SIMD=scalar or =avx2 caps it).
+// The best path this machine supports, capped by the level set with cpu::set_simd_level.
 Simd simd();
 const char* simd_name();
 

@@ -15,10 +15,9 @@
 // GEMM (M > 8): per tile row and K chunk of 256, decode 16 tiles into a transposed panel
 // [256][16] (16 KiB, L1) and run an 8-row register-blocked FMA micro-kernel over the x rows.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
+#include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "cpu/trellis_kernels.h"
 
@@ -61,14 +60,10 @@ bool cpu_has_avx2() {
 }
 #endif
 
+// The best trellis path this CPU supports (the AVX-512 one needs more than the quant_matmul one).
 Simd detect() {
-  const char* forced = std::getenv("METAL_MARLIN_CPU_SIMD");
-  const bool scalar_only = forced && std::strcmp(forced, "scalar") == 0;
-  const bool avx2_only = forced && std::strcmp(forced, "avx2") == 0;
-  if (scalar_only) return Simd::kScalar;
-  (void)avx2_only;
 #if METAL_MARLIN_X86
-  if (!avx2_only && cpu_has_avx512_trellis()) return Simd::kAvx512;
+  if (cpu_has_avx512_trellis()) return Simd::kAvx512;
   if (cpu_has_avx2()) return Simd::kAvx2;
 #endif
   return Simd::kScalar;
@@ -76,9 +71,17 @@ Simd detect() {
 
 }  // namespace
 
+// Capped by the process-wide level (cpu::set_simd_level), so tests and benchmarks switch the trellis
+// kernels with the others.
 Simd simd() {
-  static const Simd level = detect();
-  return level;
+  static const Simd best = detect();
+  Simd cap = Simd::kScalar;
+  switch (current_simd_level()) {
+    case SimdLevel::kAvx512: cap = Simd::kAvx512; break;
+    case SimdLevel::kAvx2: cap = Simd::kAvx2; break;
+    case SimdLevel::kScalar: break;
+  }
+  return std::min(best, cap);
 }
 
 const char* simd_name() {

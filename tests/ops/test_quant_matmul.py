@@ -1,10 +1,6 @@
 """``metal_marlin::quant_matmul`` (CPU kernel, op, reference op) against a float64 oracle built from
 docs/formats.md (the ``spec`` fixture in tests/conftest.py): ``y = x.double() @ W.T + bias``."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -28,13 +24,46 @@ OUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0
 ACCUM_RTOL = 1e-5
 BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "fp4": 4, "fp8": 8}
 TYPICAL_CODE_VALUE = {"int2": 2, "int3": 4, "int4": 8, "int8": 128, "fp4": 3, "fp8": 100}
-SCALAR_ENV = "METAL_MARLIN_CPU_SIMD"
+# Every kernel path this machine can run, best first: the conformance tests run on each of them in
+# this process (set_simd_level), so the portable scalar path is tested even on an AVX-512 machine.
+ALL_SIMD_LEVELS = ("avx512", "avx2", "scalar")
+
+
+def available_simd_levels():
+    if not hasattr(_core, "set_simd_level"):
+        return ["scalar"]
+    levels = []
+    previous = _core.simd_level()
+    try:
+        for level in ALL_SIMD_LEVELS:
+            try:
+                _core.set_simd_level(level)
+            except ValueError:
+                continue
+            levels.append(level)
+    finally:
+        _core.set_simd_level(previous)
+    return levels
+
+
+SIMD_LEVELS = available_simd_levels()
 
 
 @pytest.fixture(scope="module")
 def core():
     assert hasattr(_core, "quant_matmul"), "C++ kernel _core.quant_matmul is not built (pip install -e .)"
     return _core
+
+
+@pytest.fixture(params=SIMD_LEVELS)
+def simd_level(core, request):
+    """Runs the test with the kernel path `request.param` in effect, restoring the previous one."""
+    previous = core.set_simd_level(request.param)
+    assert core.simd_level() == request.param
+    try:
+        yield request.param
+    finally:
+        core.set_simd_level(previous)
 
 
 def n_groups(k, group_size):
@@ -92,7 +121,7 @@ GUARD = 7.0  # sentinel around the output, to catch writes out of bounds
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,k,n,group_size", SHAPES, ids=str)
 @pytest.mark.parametrize("name,symmetric", FORMAT_CASES, ids=str)
-def test_cpu_kernel_matches_spec(core, spec, name, symmetric, m, k, n, group_size, dtype, with_bias):
+def test_cpu_kernel_matches_spec(core, simd_level, spec, name, symmetric, m, k, n, group_size, dtype, with_bias):
     packed, scales, offsets = make_weight(name, symmetric, n, k, group_size)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype) if with_bias else None
@@ -113,7 +142,7 @@ DEQ_SHAPES = [(5, 96, 32), (3, 384, 128), (4, 320, 320), (3, 576, 128), (2, 96, 
 
 @pytest.mark.parametrize("n,k,group_size", DEQ_SHAPES, ids=str)
 @pytest.mark.parametrize("name,symmetric", FORMAT_CASES, ids=str)
-def test_cpu_dequantize_matches_spec(core, spec, name, symmetric, n, k, group_size):
+def test_cpu_dequantize_matches_spec(core, simd_level, spec, name, symmetric, n, k, group_size):
     """Same tolerance as the package's dequantize (tests/formats/test_spec.py): ``s * v`` is exact in
     float32, ``s * u + o`` is one correctly rounded float32 operation away from exact."""
     packed, scales, offsets = make_weight(name, symmetric, n, k, group_size)
@@ -126,19 +155,62 @@ def test_cpu_dequantize_matches_spec(core, spec, name, symmetric, n, k, group_si
         np.testing.assert_allclose(out.double().numpy(), ref, rtol=2.0**-24, atol=0)
 
 
-def test_scalar_path_matches_spec():
-    """The portable kernels (METAL_MARLIN_CPU_SIMD=scalar, read once per process): rerun this file's
-    kernel tests in a subprocess with the variable set."""
-    if os.environ.get(SCALAR_ENV):
-        pytest.skip("already running with the kernel path forced")
-    env = {**os.environ, SCALAR_ENV: "scalar"}
-    check = subprocess.run([sys.executable, "-c", "import metal_marlin._core as c; print(c.simd_level())"],
-                           env=env, capture_output=True, text=True, check=True)
-    assert check.stdout.strip() == "scalar"
-    tests = "(test_cpu_kernel_matches_spec and nobias) or test_cpu_dequantize_matches_spec"
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-                          "-k", tests], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+# Wider than the shapes above: several GEMM passes over K slices and activation row blocks, N not a
+# multiple of any tile, and N < 32 (the GEMM then splits the activation rows between threads).
+LARGE_SHAPES = [(100, 1056, 45, 128), (530, 320, 20, 64), (33, 2080, 260, 2080)]
+
+
+@pytest.mark.parametrize("m,k,n,group_size", LARGE_SHAPES, ids=str)
+@pytest.mark.parametrize("name,symmetric", [("int3", False), ("int4", True), ("fp8", True)], ids=str)
+def test_cpu_kernel_large_shapes_match_spec(core, simd_level, spec, name, symmetric, m, k, n, group_size):
+    packed, scales, offsets = make_weight(name, symmetric, n, k, group_size)
+    x = torch.randn(m, k)
+    ref = spec_matmul(spec, name, x, packed, scales, offsets, None, group_size)
+    for n_threads in (1, 2):
+        out = torch.full((m, n), float("nan"))
+        core.quant_matmul(x, packed, scales, offsets, None, out, name, group_size, n_threads)
+        assert_close_to_spec(out, ref, torch.float32)
+
+
+def test_simd_levels_cover_the_cpu(core):
+    """The process starts on the best path; 'auto' returns to it; every path below it is available."""
+    best = SIMD_LEVELS[0]
+    assert SIMD_LEVELS == list(ALL_SIMD_LEVELS[ALL_SIMD_LEVELS.index(best):])
+    previous = core.set_simd_level("auto")
+    try:
+        assert core.simd_level() == best
+        assert core.set_simd_level("scalar") == best
+        assert core.simd_level() == "scalar"
+        assert core.set_simd_level("auto") == "scalar"
+    finally:
+        core.set_simd_level(previous)
+
+
+@pytest.mark.parametrize("level", ["sse2", "", "AVX2"] + [lv for lv in ALL_SIMD_LEVELS if lv not in SIMD_LEVELS])
+def test_set_simd_level_rejects_unknown_or_unsupported(core, level):
+    before = core.simd_level()
+    with pytest.raises(ValueError, match="set_simd_level"):
+        core.set_simd_level(level)
+    assert core.simd_level() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32], ids=str)
+def test_read_bandwidth_probe_reads_every_byte(core, simd_level, dtype):
+    data = torch.randint(0, 256, ((1 << 21) + 37,), dtype=torch.int64).to(torch.uint8)  # chunks + tail
+    buf = data if dtype == torch.uint8 else data[: data.numel() // 4 * 4].view(torch.int32)
+    raw = buf.view(torch.uint8).numpy()
+    # The checksum is a wrapping sum of little-endian 64-bit words plus the tail bytes; flipping one
+    # byte must change it, wherever the byte is.
+    base = core.read_bandwidth_probe(buf, 2)
+    assert core.read_bandwidth_probe(buf, 1) == base
+    for pos in (0, raw.size // 2, raw.size - 1):
+        raw[pos] ^= 0x5A
+        assert core.read_bandwidth_probe(buf, 2) != base
+        raw[pos] ^= 0x5A
+    with pytest.raises(TypeError, match="uint8 or int32"):
+        core.read_bandwidth_probe(torch.zeros(8), 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        core.read_bandwidth_probe(buf, 0)
 
 
 # -- the op (torch.ops.metal_marlin.quant_matmul) ----------------------------------------------------

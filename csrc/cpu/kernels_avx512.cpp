@@ -1,0 +1,369 @@
+// AVX-512 (F/BW/VL) kernels, compiled with target attributes and chosen at run time.
+//
+// GEMV path (m <= 16, token generation): as in kernels_avx2.cpp (whole rows of W per thread,
+// activations permuted to the decoder's lane order, scales applied once per group, offsets through
+// the group sums of x), with 16-lane decoders and two blocks per step so that even a single
+// activation row keeps four FMA chains in flight.
+//
+// GEMM path (m > 16, prefill): W is decoded once per pass over up to kPassRows activation rows, and
+// each decoded tile is reused by all of them. For every kDepth-long slice of K, a task decodes
+// kTileRows rows of W into a small row-major buffer (no transpose: the decoder's lane order is kept
+// and x is permuted to match), then runs an 8 x 48 register-blocked micro-kernel over the pass's
+// rows: 8 rows of W broadcast against 3 vectors of 16 activation rows. The activations are packed
+// transposed ([48-row block][k][48]) so the micro-kernel's loads are contiguous, and the products
+// accumulate transposed in a float32 buffer ct[n][m], written to out after the last slice.
+#include "common/simd.h"
+
+#if METAL_MARLIN_X86
+
+#include <algorithm>
+#include <vector>
+
+#include "common/decode_avx512.h"
+#include "cpu/kernels.h"
+#include "cpu/lane_order.h"
+#include "cpu/thread_pool.h"
+
+namespace metal_marlin::cpu {
+namespace {
+
+using avx512::BlockDecoder;
+
+constexpr int64_t kGemvMaxRows = 8;          // activation rows one GEMV pass handles
+constexpr int64_t kGemvChunkedMaxRows = 16;  // above this, the GEMM path
+constexpr int64_t kGemvRowsPerTask = 16;
+constexpr int kPrefetchBytes = 2048;         // see kernels_avx2.cpp
+
+constexpr int kTileRows = 8;                 // rows of W per GEMM task (broadcast operands)
+constexpr int kXVectors = 3;                 // vectors of 16 activation rows per micro-kernel
+constexpr int64_t kXBlock = 16 * kXVectors;  // activation rows per packed block
+constexpr int64_t kDepth = 256;              // K slice: ct stays small, x slice stays in L2
+constexpr int64_t kPassRows = 512;           // activation rows per pass over W
+
+// ---------------------------------------------------------------------------------------------
+// GEMV
+
+constexpr int gemv_chains(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }
+
+// Row n's scales (times the decoder's unit) into `scales`, and for each activation row m the offset
+// term sum_g o_g * (sum of x over group g) of the integer formats (o_g = -mid * s_g if symmetric).
+template <Format F, int M>
+METAL_MARLIN_AVX512 void prepare_row_scales(const QuantizedMatrix& w, int64_t n, const float* group_sums,
+                                            float* scales, float offset_terms[M]) {
+  using Decoder = BlockDecoder<F>;
+  constexpr bool kInteger = FormatTraits<F>::kInteger;
+  const int64_t n_groups = w.groups_per_row();
+  const uint16_t* row_scales = w.row_scales(n);
+  const uint16_t* row_offsets = w.row_offsets(n);
+  __m512 offset_acc[M];
+  for (int m = 0; m < M; ++m) offset_acc[m] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= n_groups; g += 16) {
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row_scales + g)));
+    _mm512_storeu_ps(scales + g, _mm512_mul_ps(s, _mm512_set1_ps(Decoder::kUnit)));
+    if constexpr (kInteger) {
+      const __m512 o = row_offsets
+                           ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row_offsets + g)))
+                           : _mm512_mul_ps(s, _mm512_set1_ps(-kSymmetricMid<F>));
+      for (int m = 0; m < M; ++m) {
+        offset_acc[m] = _mm512_fmadd_ps(o, _mm512_loadu_ps(group_sums + m * n_groups + g), offset_acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) offset_terms[m] = _mm512_reduce_add_ps(offset_acc[m]);
+  for (; g < n_groups; ++g) {
+    const float s = _cvtsh_ss(row_scales[g]);
+    scales[g] = s * Decoder::kUnit;
+    if constexpr (kInteger) {
+      const float o = row_offsets ? _cvtsh_ss(row_offsets[g]) : -kSymmetricMid<F> * s;
+      for (int m = 0; m < M; ++m) offset_terms[m] += o * group_sums[m * n_groups + g];
+    }
+  }
+}
+
+// acc[m][chain base + i] += decoded vector i * x, for one block.
+template <Format F, int M, int kChains>
+METAL_MARLIN_AVX512 inline void gemv_block(const uint32_t* block, const float* x_block, int chain_base,
+                                           __m512 (&acc)[M][kChains]) {
+  __m512 lanes[2];
+  BlockDecoder<F>::decode(block, lanes);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_load_ps(x_block + m * kBlockCodes + 16 * i);
+      acc[m][(chain_base + i) % kChains] = _mm512_fmadd_ps(lanes[i], xv, acc[m][(chain_base + i) % kChains]);
+    }
+  }
+}
+
+// out[:, row_begin:row_end] for M activation rows. `scratch` holds `groups` floats.
+template <Format F, int M, int kChains>
+METAL_MARLIN_AVX512 void gemv_rows(const MatmulArgs& args, const GemvInputs& in, int64_t row_begin, int64_t row_end,
+                                   float* scratch) {
+  constexpr int kBits = FormatTraits<F>::kBits;
+  const QuantizedMatrix& w = args.w;
+  const int64_t n_groups = w.groups_per_row();
+  const int64_t n_blocks = w.blocks_per_row();
+  const int64_t blocks_per_group = w.blocks_per_group();
+  float* scales = scratch;
+
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    float offset_terms[M];
+    prepare_row_scales<F, M>(w, n, in.group_sums.data(), scales, offset_terms);
+
+    __m512 totals[M];
+    for (int m = 0; m < M; ++m) totals[m] = _mm512_setzero_ps();
+    const uint32_t* block = w.row_words(n);
+    const float* x_block = in.x.data();
+    for (int64_t g = 0; g < n_groups; ++g) {
+      __m512 acc[M][kChains];
+      for (int m = 0; m < M; ++m) {
+        for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+      }
+      const int64_t group_blocks = std::min(blocks_per_group, n_blocks - g * blocks_per_group);  // last: shorter
+      const uint32_t* group_end = block + group_blocks * kBits;
+      for (; block + 2 * kBits <= group_end; block += 2 * kBits, x_block += 2 * M * kBlockCodes) {
+        _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
+        gemv_block<F, M, kChains>(block, x_block, 0, acc);
+        gemv_block<F, M, kChains>(block + kBits, x_block + M * kBlockCodes, 2, acc);
+      }
+      if (block != group_end) {  // an odd block count
+        gemv_block<F, M, kChains>(block, x_block, 0, acc);
+        block += kBits;
+        x_block += M * kBlockCodes;
+      }
+      const __m512 scale = _mm512_set1_ps(scales[g]);
+      for (int m = 0; m < M; ++m) {
+        __m512 sum = acc[m][0];
+        for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, acc[m][c]);
+        totals[m] = _mm512_fmadd_ps(sum, scale, totals[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const float result = _mm512_reduce_add_ps(totals[m]) + offset_terms[m];
+      store_outputs(args, m, n, 1, &result);
+    }
+  }
+}
+
+template <Format F, int M>
+void gemv(const MatmulArgs& args, const GemvInputs& in) {
+  const int64_t n_tasks = (args.w.n + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
+  const int n_threads = plan_threads(args.n_threads, n_tasks);
+  std::vector<AlignedFloats> scratch(size_t(n_threads), AlignedFloats(args.w.groups_per_row()));
+  parallel_for(n_threads, n_tasks, [&](int64_t task, int thread) {
+    const int64_t begin = task * kGemvRowsPerTask;
+    const int64_t end = std::min(args.w.n, begin + kGemvRowsPerTask);
+    gemv_rows<F, M, gemv_chains(M)>(args, in, begin, end, scratch[size_t(thread)].data());
+  });
+}
+
+template <Format F>
+void gemv_any_rows(const MatmulArgs& args) {
+  GemvInputs in;
+  prepare_gemv_inputs<F, BlockDecoder<F>>(args, in);
+  switch (args.m) {
+    case 1: return gemv<F, 1>(args, in);
+    case 2: return gemv<F, 2>(args, in);
+    case 3: return gemv<F, 3>(args, in);
+    case 4: return gemv<F, 4>(args, in);
+    case 5: return gemv<F, 5>(args, in);
+    case 6: return gemv<F, 6>(args, in);
+    case 7: return gemv<F, 7>(args, in);
+    default: return gemv<F, 8>(args, in);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+
+// tile[r][kk] = W[n0 + r, k0 + kk'] for r < kTileRows, kk < depth, kk' in the decoder's lane order
+// within each block; rows past N are zero. Row stride kDepth.
+template <Format F>
+METAL_MARLIN_AVX512 void decode_tile(const QuantizedMatrix& w, int64_t n0, int64_t k0, int64_t depth, float* tile) {
+  constexpr int kBits = FormatTraits<F>::kBits;
+  const int64_t blocks_per_group = w.blocks_per_group();
+  for (int r = 0; r < kTileRows; ++r) {
+    float* dst = tile + r * kDepth;
+    if (n0 + r >= w.n) {
+      for (int64_t kk = 0; kk < depth; kk += 16) _mm512_store_ps(dst + kk, _mm512_setzero_ps());
+      continue;
+    }
+    const uint32_t* words = w.row_words(n0 + r);
+    const uint16_t* scales = w.row_scales(n0 + r);
+    const uint16_t* offsets = w.row_offsets(n0 + r);
+    for (int64_t b = k0 / kBlockCodes; b < (k0 + depth) / kBlockCodes; ++b) {
+      const int64_t g = b / blocks_per_group;
+      const float scale = _cvtsh_ss(scales[g]);
+      __m512 weights[2];
+      avx512::decode_block_weights<F>(words + b * kBits, scale, group_offset<F>(offsets, scale, g), weights);
+      _mm512_store_ps(dst + b * kBlockCodes - k0, weights[0]);
+      _mm512_store_ps(dst + b * kBlockCodes - k0 + 16, weights[1]);
+    }
+  }
+}
+
+// ct[r][16v .. 16v+16) (+)= sum_kk tile[r][kk] * xt[kk][16v .. 16v+16) for r < kTileRows, v < V.
+template <int V>
+METAL_MARLIN_AVX512 void micro_kernel(const float* xt, const float* tile, int64_t depth, float* ct, int64_t ct_stride,
+                                      bool accumulate) {
+  __m512 acc[kTileRows][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r) {
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    __m512 xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = _mm512_load_ps(xt + kk * kXBlock + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512 wr = _mm512_set1_ps(tile[r * kDepth + kk]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r) {
+    for (int v = 0; v < V; ++v) {
+      float* c = ct + r * ct_stride + 16 * v;
+      _mm512_store_ps(c, accumulate ? _mm512_add_ps(acc[r][v], _mm512_load_ps(c)) : acc[r][v]);
+    }
+  }
+}
+
+struct GemmPass {
+  int64_t m0, rows;     // activation rows of this pass
+  const float* xt;      // [blocks of kXBlock rows][k][kXBlock], permuted to lane order, zero-padded
+  float* ct;            // [n_tiles * kTileRows][ct_stride] float32 accumulators, transposed
+  int64_t ct_stride;    // rows rounded up to whole kXBlock blocks
+  int64_t k0, depth;    // K slice
+  int64_t row_splits;   // tasks per tile: the pass's row blocks are split this many ways
+};
+
+template <Format F>
+METAL_MARLIN_AVX512 void gemm_task(const MatmulArgs& args, const GemmPass& pass, int64_t task, float* tile) {
+  const int64_t k = args.w.k;
+  const int64_t n0 = task / pass.row_splits * kTileRows;
+  const int64_t split = task % pass.row_splits;
+  const int64_t n_blocks = pass.ct_stride / kXBlock;
+  const int64_t block_begin = n_blocks * split / pass.row_splits;
+  const int64_t block_end = n_blocks * (split + 1) / pass.row_splits;
+  if (block_begin == block_end) return;
+  decode_tile<F>(args.w, n0, pass.k0, pass.depth, tile);
+
+  const bool accumulate = pass.k0 > 0;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const float* xt = pass.xt + (b * k + pass.k0) * kXBlock;
+    float* ct = pass.ct + n0 * pass.ct_stride + b * kXBlock;
+    const int64_t live_rows = std::min(kXBlock, pass.rows - b * kXBlock);
+    switch ((live_rows + 15) / 16) {  // skip the zero padding of the last block
+      case 1: micro_kernel<1>(xt, tile, pass.depth, ct, pass.ct_stride, accumulate); break;
+      case 2: micro_kernel<2>(xt, tile, pass.depth, ct, pass.ct_stride, accumulate); break;
+      default: micro_kernel<3>(xt, tile, pass.depth, ct, pass.ct_stride, accumulate); break;
+    }
+  }
+
+  if (pass.k0 + pass.depth == k) {
+    const int64_t cols = std::min<int64_t>(kTileRows, args.w.n - n0);
+    const int64_t row_end = std::min(pass.rows, block_end * kXBlock);
+    float values[kTileRows];
+    for (int64_t row = block_begin * kXBlock; row < row_end; ++row) {
+      for (int64_t c = 0; c < cols; ++c) values[c] = pass.ct[(n0 + c) * pass.ct_stride + row];
+      store_outputs(args, pass.m0 + row, n0, cols, values);
+    }
+  }
+}
+
+template <Format F>
+void gemm(const MatmulArgs& args) {
+  const int64_t k = args.w.k;
+  const int64_t n_tiles = (args.w.n + kTileRows - 1) / kTileRows;
+  const int64_t pass_rows = std::min(kPassRows, args.m);
+  const int64_t max_blocks = (pass_rows + kXBlock - 1) / kXBlock;
+  GemmPass pass{};
+  pass.ct_stride = max_blocks * kXBlock;
+  AlignedFloats xt(max_blocks * k * kXBlock);
+  AlignedFloats ct(n_tiles * kTileRows * pass.ct_stride);
+  pass.xt = xt.data();
+  pass.ct = ct.data();
+
+  // Few tiles (small N): split each tile's row blocks so that every thread gets work.
+  const int64_t wanted = std::max(1, args.n_threads);
+  pass.row_splits = std::min(max_blocks, (wanted + n_tiles - 1) / n_tiles);
+  const int64_t n_tasks = n_tiles * pass.row_splits;
+  const int n_threads = plan_threads(args.n_threads, n_tasks);
+  std::vector<AlignedFloats> scratch(size_t(n_threads), AlignedFloats(kTileRows * kDepth));
+  std::vector<float> row(static_cast<size_t>(k));
+  std::vector<float> permuted(static_cast<size_t>(k));
+  for (pass.m0 = 0; pass.m0 < args.m; pass.m0 += pass_rows) {
+    pass.rows = std::min(pass_rows, args.m - pass.m0);
+    std::fill_n(xt.data(), max_blocks * k * kXBlock, 0.0f);
+    for (int64_t r = 0; r < pass.rows; ++r) {
+      load_activation_row(args, pass.m0 + r, row.data());
+      permute_row<BlockDecoder<F>>(row.data(), k, [](int) { return 1.0f; }, permuted.data());
+      float* dst = xt.data() + (r / kXBlock) * k * kXBlock + r % kXBlock;
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * kXBlock] = permuted[size_t(kk)];
+    }
+    for (pass.k0 = 0; pass.k0 < k; pass.k0 += kDepth) {
+      pass.depth = std::min(kDepth, k - pass.k0);
+      parallel_for(n_threads, n_tasks, [&](int64_t task, int thread) {
+        gemm_task<F>(args, pass, task, scratch[size_t(thread)].data());
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <Format F>
+METAL_MARLIN_AVX512 void dequantize_rows(const QuantizedMatrix& w, float* out) {
+  using Decoder = BlockDecoder<F>;
+  constexpr int kBits = FormatTraits<F>::kBits;
+  const int64_t blocks_per_group = w.blocks_per_group();
+  alignas(64) float staging[kBlockCodes];
+  for (int64_t n = 0; n < w.n; ++n) {
+    const uint32_t* block = w.row_words(n);
+    float* row = out + n * w.k;
+    for (int64_t b = 0; b < w.blocks_per_row(); ++b, block += kBits) {
+      const int64_t g = b / blocks_per_group;
+      const float scale = _cvtsh_ss(w.row_scales(n)[g]);
+      __m512 weights[2];
+      avx512::decode_block_weights<F>(block, scale, group_offset<F>(w.row_offsets(n), scale, g), weights);
+      _mm512_store_ps(staging, weights[0]);
+      _mm512_store_ps(staging + 16, weights[1]);
+      float* dst = row + b * kBlockCodes;
+      for (int i = 0; i < 2; ++i) {
+        for (int j = 0; j < 16; ++j) dst[Decoder::lane_code(i, j)] = staging[16 * i + j];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void quant_matmul_avx512(const MatmulArgs& args) {
+  visit_format(args.w.format, [&](auto f) {
+    constexpr Format F = decltype(f)::value;
+    if (args.m > kGemvChunkedMaxRows) return gemm<F>(args);
+    // As in kernels_avx2.cpp: up to two GEMV passes over W beat a GEMM pass.
+    const int64_t n_chunks = (args.m + kGemvMaxRows - 1) / kGemvMaxRows;
+    const size_t x_row_bytes = size_t(args.w.k) * dtype_size(args.dtype);
+    const size_t out_row_bytes = size_t(args.w.n) * dtype_size(args.dtype);
+    for (int64_t chunk = 0, m0 = 0; chunk < n_chunks; ++chunk) {
+      MatmulArgs part = args;
+      part.m = (args.m - m0) / (n_chunks - chunk);
+      part.x = static_cast<const char*>(args.x) + size_t(m0) * x_row_bytes;
+      part.out = static_cast<char*>(args.out) + size_t(m0) * out_row_bytes;
+      gemv_any_rows<F>(part);
+      m0 += part.m;
+    }
+  });
+}
+
+void dequantize_avx512(const QuantizedMatrix& w, float* out) {
+  visit_format(w.format, [&](auto f) { dequantize_rows<decltype(f)::value>(w, out); });
+}
+
+}  // namespace metal_marlin::cpu
+
+#endif  // METAL_MARLIN_X86

@@ -36,10 +36,19 @@ def median_time(fn, min_time: float = 0.3, min_runs: int = 10) -> float:
     return statistics.median(times)
 
 
-def read_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes/s that a vectorised reduction reads from a buffer far larger than the caches."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / median_time(lambda: buf.sum(), min_runs=5)
+def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
+    """Bytes/s that _core's streaming read probe (wide loads on the kernels' thread pool) reaches on a
+    buffer far larger than the caches."""
+    from metal_marlin import _core
+
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    return nbytes / median_time(lambda: _core.read_bandwidth_probe(buf, threads), min_runs=5)
+
+
+def _core_level() -> str:
+    from metal_marlin import _core
+
+    return _core.simd_level()
 
 
 def random_quantized(n: int, k: int, fmt: str, symmetric: bool, group_size: int) -> mm.GroupQuantizedWeight:
@@ -67,8 +76,9 @@ def main() -> None:
 
     for threads in args.threads:
         torch.set_num_threads(threads)
-        bw = read_bandwidth()
-        print(f"\n## {threads} thread(s): measured read bandwidth {bw / 1e9:.1f} GB/s, group size {args.group_size}")
+        bw = read_bandwidth(threads)
+        print(f"\n## {threads} thread(s): measured read bandwidth {bw / 1e9:.1f} GB/s, group size {args.group_size}, "
+              f"SIMD {_core_level()}")
         print(f"| {'shape NxK':<11} | {'format':<10} | {'bits/w':>6} | {'quant us':>9} | {'GB/s':>6} | {'%bw':>5} "
               f"| {'dense us':>9} | {'speedup':>7} |")
         print("|" + "|".join("-" * w for w in (13, 12, 8, 11, 8, 7, 11, 9)) + "|")

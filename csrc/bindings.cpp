@@ -1,6 +1,7 @@
 // metal_marlin._core: the C++ kernels as a nanobind module. Tensors arrive through DLPack; this
 // file checks every argument (dtype, shape, format) with an error that names it, then runs the
 // kernel with the GIL released.
+#include "binding_checks.h"
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -22,29 +23,7 @@ void register_trellis_bindings(nb::module_& m);  // csrc/cpu/trellis_bindings.cp
 
 namespace {
 
-// Not convertible: a non-contiguous or non-CPU tensor is rejected instead of silently copied (a
-// copy of `out` would swallow the result, a copy of the weights would cost a full read per call).
-using Tensor = nb::ndarray<nb::device::cpu, nb::c_contig>;
-
-std::string dtype_name(nb::dlpack::dtype dt) {
-  using Code = nb::dlpack::dtype_code;
-  std::string prefix;
-  switch (Code(dt.code)) {
-    case Code::Int: prefix = "int"; break;
-    case Code::UInt: prefix = "uint"; break;
-    case Code::Float: prefix = "float"; break;
-    case Code::Bfloat: prefix = "bfloat"; break;
-    case Code::Complex: prefix = "complex"; break;
-    case Code::Bool: return "bool";
-    default: prefix = "dtype" + std::to_string(int(dt.code)) + "_"; break;
-  }
-  return prefix + std::to_string(int(dt.bits));
-}
-
-bool has_dtype(const Tensor& t, nb::dlpack::dtype_code code, int bits) {
-  const nb::dlpack::dtype dt = t.dtype();
-  return dt.code == uint8_t(code) && dt.bits == bits && dt.lanes == 1;
-}
+using namespace metal_marlin::bindings;
 
 std::optional<mm::DType> float_dtype(const Tensor& t) {
   using Code = nb::dlpack::dtype_code;
@@ -61,48 +40,6 @@ const char* float_dtype_name(mm::DType dtype) {
     case mm::DType::kBFloat16: break;
   }
   return "bfloat16";
-}
-
-std::string shape_string(const Tensor& t) {
-  std::string s = "(";
-  for (size_t i = 0; i < t.ndim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(t.shape(i));
-  }
-  return s + (t.ndim() == 1 ? ",)" : ")");
-}
-
-std::string shape_string(std::initializer_list<int64_t> shape) {
-  std::string s = "(";
-  for (auto it = shape.begin(); it != shape.end(); ++it) {
-    if (it != shape.begin()) s += ", ";
-    s += std::to_string(*it);
-  }
-  return s + (shape.size() == 1 ? ",)" : ")");
-}
-
-[[noreturn]] void value_error(const char* fn, const std::string& message) {
-  throw nb::value_error((std::string(fn) + ": " + message).c_str());
-}
-
-[[noreturn]] void type_error(const char* fn, const std::string& message) {
-  throw nb::type_error((std::string(fn) + ": " + message).c_str());
-}
-
-void check_shape(const char* fn, const char* name, const Tensor& t, std::initializer_list<int64_t> shape) {
-  bool same = t.ndim() == shape.size();
-  size_t i = 0;
-  for (auto it = shape.begin(); same && it != shape.end(); ++it, ++i) same = int64_t(t.shape(i)) == *it;
-  if (!same) {
-    value_error(fn, std::string(name) + " must have shape " + shape_string(shape) + ", got " + shape_string(t));
-  }
-}
-
-void check_dtype(const char* fn, const char* name, const Tensor& t, nb::dlpack::dtype_code code, int bits,
-                 const char* expected) {
-  if (!has_dtype(t, code, bits)) {
-    type_error(fn, std::string(name) + " must be " + expected + ", got " + dtype_name(t.dtype()));
-  }
 }
 
 // bias and out must have the activations' dtype.

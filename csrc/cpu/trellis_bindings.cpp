@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "binding_checks.h"
 #include "common/trellis.h"
 #include "cpu/trellis_kernels.h"
 
@@ -19,57 +20,7 @@ namespace {
 
 namespace tc = metal_marlin::cpu::trellis_cpu;
 namespace tr = metal_marlin::trellis;
-
-using Tensor = nb::ndarray<nb::device::cpu, nb::c_contig>;
-
-std::string shape_string(const Tensor& t) {
-  std::string s = "(";
-  for (size_t i = 0; i < t.ndim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(t.shape(i));
-  }
-  return s + (t.ndim() == 1 ? ",)" : ")");
-}
-
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + (shape.size() == 1 ? ",)" : ")");
-}
-
-std::string dtype_name(nb::dlpack::dtype dt) {
-  using Code = nb::dlpack::dtype_code;
-  std::string prefix;
-  switch (Code(dt.code)) {
-    case Code::Int: prefix = "int"; break;
-    case Code::UInt: prefix = "uint"; break;
-    case Code::Float: prefix = "float"; break;
-    case Code::Bfloat: prefix = "bfloat"; break;
-    case Code::Complex: prefix = "complex"; break;
-    case Code::Bool: return "bool";
-    default: prefix = "dtype" + std::to_string(int(dt.code)) + "_"; break;
-  }
-  return prefix + std::to_string(int(dt.bits));
-}
-
-[[noreturn]] void value_error(const char* fn, const std::string& message) {
-  throw nb::value_error((std::string(fn) + ": " + message).c_str());
-}
-
-[[noreturn]] void type_error(const char* fn, const std::string& message) {
-  throw nb::type_error((std::string(fn) + ": " + message).c_str());
-}
-
-void check_dtype(const char* fn, const char* name, const Tensor& t, nb::dlpack::dtype_code code, int bits,
-                 const char* expected) {
-  const nb::dlpack::dtype dt = t.dtype();
-  if (!(dt.code == uint8_t(code) && dt.bits == bits && dt.lanes == 1)) {
-    type_error(fn, std::string(name) + " must be " + expected + ", got " + dtype_name(dt));
-  }
-}
+using namespace metal_marlin::bindings;
 
 void check_float32(const char* fn, const char* name, const Tensor& t) {
   check_dtype(fn, name, t, nb::dlpack::dtype_code::Float, 32, "float32");
@@ -77,12 +28,6 @@ void check_float32(const char* fn, const char* name, const Tensor& t) {
 
 void check_int32(const char* fn, const char* name, const Tensor& t) {
   check_dtype(fn, name, t, nb::dlpack::dtype_code::Int, 32, "int32");
-}
-
-void check_shape(const char* fn, const char* name, const Tensor& t, const std::vector<int64_t>& shape) {
-  bool same = t.ndim() == shape.size();
-  for (size_t i = 0; same && i < shape.size(); ++i) same = int64_t(t.shape(i)) == shape[i];
-  if (!same) value_error(fn, std::string(name) + " must have shape " + shape_string(shape) + ", got " + shape_string(t));
 }
 
 tr::Codebook parse_codebook(const char* fn, const std::string& name) {
@@ -94,10 +39,6 @@ void check_bits(const char* fn, int bits) {
   if (bits < tr::kMinBits || bits > tr::kMaxBits) {
     value_error(fn, "bits must be in 1..8, got " + std::to_string(bits));
   }
-}
-
-void check_threads(const char* fn, int n_threads) {
-  if (n_threads < 1) value_error(fn, "n_threads must be >= 1, got " + std::to_string(n_threads));
 }
 
 // Shape of `t` with its last dimension replaced by `last`; `t` must have at least one dimension.

@@ -40,6 +40,8 @@ ROWS = [
     ("trellis K=4 LDLQ", "ldlq", dict(format="trellis", bits=4)),
     ("trellis K=3 LDLQ", "ldlq", dict(format="trellis", bits=3)),
     ("trellis K=2 LDLQ", "ldlq", dict(format="trellis", bits=2)),
+    ("trellis --bpw 3.5 LDLQ", "ldlq", dict(format="trellis", bpw=3.5)),
+    ("trellis --bpw 2.5 LDLQ", "ldlq", dict(format="trellis", bpw=2.5)),
 ]
 
 

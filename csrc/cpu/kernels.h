@@ -78,6 +78,23 @@ inline void load_activation_row(const MatmulArgs& args, int64_t row, float* dst)
   convert_to_float(base, args.dtype, args.w.k, dst);
 }
 
+// Runs `gemv(part)` on near-equal slices of at most `max_rows` activation rows: for a few rows, some GEMV
+// passes over W beat one GEMM pass (the GEMM's panel decode and transpose cost more than decoding W again).
+template <class Gemv>
+void gemv_in_row_chunks(const MatmulArgs& args, int64_t max_rows, Gemv&& gemv) {
+  const int64_t n_chunks = (args.m + max_rows - 1) / max_rows;
+  const size_t x_row_bytes = size_t(args.w.k) * dtype_size(args.dtype);
+  const size_t out_row_bytes = size_t(args.w.n) * dtype_size(args.dtype);
+  for (int64_t chunk = 0, m0 = 0; chunk < n_chunks; ++chunk) {
+    MatmulArgs part = args;
+    part.m = (args.m - m0) / (n_chunks - chunk);
+    part.x = static_cast<const char*>(args.x) + size_t(m0) * x_row_bytes;
+    part.out = static_cast<char*>(args.out) + size_t(m0) * out_row_bytes;
+    gemv(part);
+    m0 += part.m;
+  }
+}
+
 // A float buffer whose data() is 64-byte aligned (for aligned vector loads and whole cache lines).
 class AlignedFloats {
  public:

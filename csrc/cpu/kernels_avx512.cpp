@@ -345,18 +345,7 @@ void quant_matmul_avx512(const MatmulArgs& args) {
   visit_format(args.w.format, [&](auto f) {
     constexpr Format F = decltype(f)::value;
     if (args.m > kGemvChunkedMaxRows) return gemm<F>(args);
-    // As in kernels_avx2.cpp: up to two GEMV passes over W beat a GEMM pass.
-    const int64_t n_chunks = (args.m + kGemvMaxRows - 1) / kGemvMaxRows;
-    const size_t x_row_bytes = size_t(args.w.k) * dtype_size(args.dtype);
-    const size_t out_row_bytes = size_t(args.w.n) * dtype_size(args.dtype);
-    for (int64_t chunk = 0, m0 = 0; chunk < n_chunks; ++chunk) {
-      MatmulArgs part = args;
-      part.m = (args.m - m0) / (n_chunks - chunk);
-      part.x = static_cast<const char*>(args.x) + size_t(m0) * x_row_bytes;
-      part.out = static_cast<char*>(args.out) + size_t(m0) * out_row_bytes;
-      gemv_any_rows<F>(part);
-      m0 += part.m;
-    }
+    gemv_in_row_chunks(args, kGemvMaxRows, [](const MatmulArgs& part) { gemv_any_rows<F>(part); });
   });
 }
 

@@ -79,6 +79,19 @@ class GroupQuantizedWeight(QuantizedWeight):
             self.format, self.shape, move(self.packed), move(self.scales), move(self.offsets), self.group_size
         )
 
+    @staticmethod
+    def stack(weights: list[GroupQuantizedWeight]) -> GroupQuantizedWeight:
+        """Matrices of one layout stacked into an expert weight ``[E, N, K]``."""
+        first = weights[0]
+        if any((w.format, tuple(w.shape), w.group_size, w.symmetric) !=
+               (first.format, tuple(first.shape), first.group_size, first.symmetric) for w in weights):
+            raise ValueError("only weights of one format, shape, group size and symmetry can be stacked")
+        offsets = None if first.offsets is None else torch.stack([w.offsets for w in weights])
+        packed = torch.stack([w.packed for w in weights])
+        scales = torch.stack([w.scales for w in weights])
+        return GroupQuantizedWeight(first.format, (len(weights), *first.shape), packed, scales, offsets,
+                                    first.group_size)
+
     def __getitem__(self, index: int) -> GroupQuantizedWeight:
         """One matrix of a stacked (expert) weight ``[E, N, K]``."""
         if len(self.shape) != 3:

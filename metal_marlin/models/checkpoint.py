@@ -24,7 +24,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..formats import FORMATS
-from ..nn import MetalQuantizedLinear, QuantizedExperts, TrellisLinear, is_fused_experts
+from ..nn import (
+    MetalQuantizedLinear,
+    QuantizedExperts,
+    TrellisExperts,
+    TrellisLinear,
+    is_fused_experts,
+    quantized_submodules,
+    replace_module,
+)
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "metal_marlin"
@@ -44,8 +52,7 @@ class CheckpointError(ValueError):
 def describe_quantized_modules(model: nn.Module) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every quantized module's settings by name, and the linear/expert modules still dense."""
     modules: dict[str, dict[str, Any]] = {}
-    dense: list[str] = []
-    for name, mod in model.named_modules():
+    for name, mod in quantized_submodules(model):
         if isinstance(mod, MetalQuantizedLinear):
             modules[name] = {"kind": "linear", "format": mod.format, "group_size": mod.group_size,
                              "symmetric": mod.symmetric, "in_features": mod.in_features,
@@ -59,8 +66,13 @@ def describe_quantized_modules(model: nn.Module) -> tuple[dict[str, dict[str, An
             modules[name] = {"kind": "experts", "format": part.format, "group_size": part.group_size,
                              "symmetric": part.symmetric, "num_experts": mod.num_experts,
                              "hidden_dim": mod.hidden_dim, "intermediate_dim": mod.intermediate_dim}
-        elif isinstance(mod, nn.Linear) or is_fused_experts(mod):
-            dense.append(name)
+        elif isinstance(mod, TrellisExperts):
+            modules[name] = {"kind": "experts", "format": "trellis", "codebook": mod.codebook,
+                             "num_experts": mod.num_experts, "hidden_dim": mod.hidden_dim,
+                             "intermediate_dim": mod.intermediate_dim, "expert_bits": mod.bits,
+                             "hadamard_blocks": {p: list(b) for p, b in mod.hadamard_blocks.items()}}
+    dense = [name for name, mod in model.named_modules()
+             if (isinstance(mod, nn.Linear) or is_fused_experts(mod)) and name not in modules]
     return modules, dense
 
 
@@ -102,22 +114,23 @@ def install_quantized_modules(model: nn.Module, qconfig: Mapping[str, Any], devi
             old = model.get_submodule(name)
         except AttributeError as err:
             raise CheckpointError(f"quantized module {name!r} does not exist in this model") from err
-        if spec["format"] == "trellis":
+        if spec["format"] == "trellis" and spec["kind"] == "experts":
+            new = TrellisExperts(spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"], old.act_fn,
+                                 spec["expert_bits"], spec["codebook"],
+                                 {p: tuple(b) for p, b in spec["hadamard_blocks"].items()}, device, name)
+        elif spec["format"] == "trellis":
             new = TrellisLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], bits=spec["bits"],
                                 codebook=spec["codebook"], had_in=spec["had_in"], had_out=spec["had_out"],
                                 device=device, name=name)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-            continue
-        settings = dict(format=spec["format"], group_size=spec["group_size"], symmetric=spec["symmetric"],
-                        device=device, name=name)
-        if spec["kind"] == "linear":
-            new = MetalQuantizedLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], **settings)
+        elif spec["kind"] == "linear":
+            new = MetalQuantizedLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                                       format=spec["format"], group_size=spec["group_size"],
+                                       symmetric=spec["symmetric"], device=device, name=name)
         else:
-            new = QuantizedExperts(spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"],
-                                   old.act_fn, **settings)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
+            new = QuantizedExperts(spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"], old.act_fn,
+                                   format=spec["format"], group_size=spec["group_size"],
+                                   symmetric=spec["symmetric"], device=device, name=name)
+        replace_module(model, name, new)
 
 
 # -- writing -----------------------------------------------------------------------------------------

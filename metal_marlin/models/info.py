@@ -50,7 +50,10 @@ def describe_checkpoint(path: Path) -> str:
             weights = 3 * spec["num_experts"] * spec["hidden_dim"] * spec["intermediate_dim"]
         nbytes = sum(b for key, (_, b) in sizes.items() if key.startswith(name + ".")
                      and key.endswith(QUANTIZED_TENSOR_SUFFIXES))
-        if spec["format"] == "trellis":
+        if spec["format"] == "trellis" and spec["kind"] == "experts":
+            widths = sorted({k for bits in spec["expert_bits"].values() for k in bits})
+            fmt, group, grid = f"trellis K={'/'.join(map(str, widths))}", "16x16", spec["codebook"]
+        elif spec["format"] == "trellis":
             fmt, group, grid = f"trellis K={spec['bits']}", "16x16", spec["codebook"]
         else:
             fmt, group, grid = spec["format"], spec["group_size"], "sym" if spec["symmetric"] else "asym"

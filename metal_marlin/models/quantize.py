@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,9 +25,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..formats import GroupFormat, get_format
-from ..nn import DEFAULT_SKIP, ReplacementSummary, plan_replacement, quantized_module, replace_module
-from ..nn.linear import MetalQuantizedLinear
+from ..formats import GroupFormat, GroupQuantizedWeight, get_format
+from ..nn import (
+    DEFAULT_SKIP,
+    MetalQuantizedLinear,
+    QuantizedExperts,
+    ReplacementSummary,
+    plan_replacement,
+    quantized_module,
+    replace_module,
+)
+from ..nn.experts import PROJECTIONS
 from ..quant.allocation import TensorCost, allocate_bits
 from ..quant.gptq import gptq_quantize
 from ..quant.hessian import HessianAccumulator
@@ -33,6 +43,8 @@ from .checkpoint import describe_quantized_modules, install_quantized_modules
 
 # Calibration windows start after the first 8192 tokens, the slice perplexity is measured on.
 CALIBRATION_OFFSET_TOKENS = 8192
+# Under --bpw in MoE models these stay above the average (see _allocate).
+PROTECTED_IN_MOE = r"(self_attn|shared_expert)"
 
 
 @dataclass
@@ -115,6 +127,54 @@ class QuantizeProgress:
         return self.tiles / max(time.perf_counter() - self.started, 1e-9)
 
 
+class ExpertStatistics:
+    """Calibration statistics of one fused experts module, per expert and projection, from the
+    ``(hidden_states, top_k_index, top_k_weights)`` its forward receives.
+
+    Expert ``e``'s output is scaled by its routing weight ``w``, so its layer-output error is
+    ``w^2 * dW x``: inputs are accumulated as ``w * x`` (``gate_up_proj``) and ``w * act(gate) * up``
+    (``down_proj``). ``energy`` (the sum of their squared norms per layer token) measures routing
+    frequency and sensitivity together; the Hessians (when requested) are their second moments.
+    """
+
+    def __init__(self, experts: nn.Module, hessians: bool) -> None:
+        self.experts = experts
+        self.num_experts, two_i, hidden = experts.gate_up_proj.shape
+        features = {"gate_up_proj": hidden, "down_proj": two_i // 2}
+        self.accumulators = ({p: [HessianAccumulator(f) for _ in range(self.num_experts)] for p, f in features.items()}
+                             if hessians else None)
+        self.energy_sum = {p: torch.zeros(self.num_experts, dtype=torch.float64) for p in PROJECTIONS}
+        self.tokens = 0
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        hidden, index, weights = (*args, *(kwargs[n] for n in names[len(args):]))
+        hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+        index = index.reshape(hidden.shape[0], -1)
+        weights = weights.reshape(hidden.shape[0], -1).float()
+        self.tokens += hidden.shape[0]
+        for e in torch.unique(index).tolist():
+            if e >= self.num_experts:
+                continue  # transformers' ignore index
+            rows, slots = (index == e).nonzero(as_tuple=True)
+            x = hidden[rows]
+            w = weights[rows, slots].unsqueeze(-1)
+            gate, up = (x @ self.experts.gate_up_proj[e].float().T).chunk(2, dim=-1)
+            inputs = {"gate_up_proj": w * x, "down_proj": w * self.experts.act_fn(gate) * up}
+            for p, v in inputs.items():
+                self.energy_sum[p][e] += v.double().square().sum()
+                if self.accumulators is not None:
+                    self.accumulators[p][e].add(v)
+
+    def energy(self, projection: str) -> list[float]:
+        """Per expert: ``E ||input||^2`` per token of the layer (zero for an expert never routed to)."""
+        return (self.energy_sum[projection] / max(self.tokens, 1)).tolist()
+
+    def hessians(self) -> dict[str, list[torch.Tensor | None]]:
+        """Per projection and expert the input Hessian, or None where calibration never routed a token."""
+        return {p: [a.hessian() if a.rows else None for a in accs] for p, accs in self.accumulators.items()}
+
+
 def quantize_model(
     model: nn.Module,
     tokenizer,
@@ -136,9 +196,10 @@ def quantize_model(
 
     ``calibration_text`` defaults to the default corpus. With ``work_dir``, finished layers are saved
     there and an interrupted run with the same settings continues from the last finished layer.
-    Modules outside the decoder layers, and fused MoE experts (no per-expert Hessians yet), are
-    quantized without calibration. ``bpw`` (trellis only) sets an average bits-per-weight budget and
-    chooses each tensor's bits (``metal_marlin.quant.allocation``).
+    Fused MoE experts get per-expert Hessians from the tokens routed to them (``ExpertStatistics``).
+    Modules outside the decoder layers are quantized without calibration. ``bpw`` (trellis only) sets
+    an average bits-per-weight budget and chooses each tensor's bits, per expert in MoE models
+    (``metal_marlin.quant.allocation``).
     """
     from ..eval import load_corpus
 
@@ -214,12 +275,19 @@ def quantize_model(
     return summary
 
 
-def _allocate(model: nn.Module, planned: dict, batches: torch.Tensor, bpw: float) -> dict[str, int]:
-    """Bits per trellis tensor for the ``bpw`` budget, from one calibration pass measuring ``E||x||^2``."""
-    targets = {n: m for n, (m, s) in planned.items() if s["format"] == "trellis" and isinstance(m, nn.Linear)}
-    if not targets:
+def _allocate(model: nn.Module, planned: dict, batches: torch.Tensor, bpw: float) -> dict[str, Any]:
+    """Bits per trellis tensor for the ``bpw`` budget, from one calibration pass measuring each tensor's
+    input energy ``E||x||^2`` (per expert: routing frequency and weight included, ``ExpertStatistics``).
+
+    In MoE models attention and shared experts get at least ``ceil(bpw) + 1`` bits and routed experts at
+    least 2: the first are small and used by every token, the second are where the budget is spent.
+    """
+    linears = {n: m for n, (m, s) in planned.items() if s["format"] == "trellis" and isinstance(m, nn.Linear)}
+    experts = {n: m for n, (m, s) in planned.items() if s["format"] == "trellis" and not isinstance(m, nn.Linear)}
+    if not linears and not experts:
         raise ValueError("bpw allocation needs trellis modules (format='trellis')")
-    energy = {n: [0.0, 0] for n in targets}
+    energy = {n: [0.0, 0] for n in linears}
+    stats = {n: ExpertStatistics(m, hessians=False) for n, m in experts.items()}
 
     def hook(name):
         def record(mod, args):
@@ -228,7 +296,8 @@ def _allocate(model: nn.Module, planned: dict, batches: torch.Tensor, bpw: float
             energy[name][1] += x.numel() // x.shape[-1]
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles += [m.register_forward_pre_hook(stats[n].hook, with_kwargs=True) for n, m in experts.items()]
     try:
         with torch.no_grad():
             for row in batches:
@@ -237,18 +306,38 @@ def _allocate(model: nn.Module, planned: dict, batches: torch.Tensor, bpw: float
         for h in handles:
             h.remove()
     costs = [TensorCost(n, m.out_features, m.in_features, m.weight.detach().double().square().mean().item(),
-                        energy[n][0] / max(energy[n][1], 1)) for n, m in targets.items()]
-    return allocate_bits(costs, bpw)
+                        energy[n][0] / max(energy[n][1], 1)) for n, m in linears.items()]
+    floors: dict[str, int] = {}
+    for name, module in experts.items():
+        for p in PROJECTIONS:
+            weight = getattr(module, p).detach().double()
+            for e, input_energy in enumerate(stats[name].energy(p)):
+                costs.append(TensorCost(f"{name}.{p}.{e}", weight.shape[1], weight.shape[2],
+                                        weight[e].square().mean().item(), input_energy))
+                floors[f"{name}.{p}.{e}"] = 2
+    if experts:
+        protected = min(math.ceil(bpw) + 1, 8)
+        floors.update({n: protected for n in linears if re.search(PROTECTED_IN_MOE, n)})
+    bits = allocate_bits(costs, bpw, floors=floors)
+    chosen: dict[str, Any] = {n: bits[n] for n in linears}
+    for name, module in experts.items():
+        chosen[name] = {p: [bits[f"{name}.{p}.{e}"] for e in range(module.gate_up_proj.shape[0])]
+                        for p in PROJECTIONS}
+    return chosen
 
 
 def _quantize_layer(layer, layer_prefix, targets, captured, calibration, state, bar) -> None:
     accumulators: dict[str, HessianAccumulator] = {}
+    expert_stats: dict[str, ExpertStatistics] = {}
     handles = []
     for name, module, _ in targets:
         if isinstance(module, nn.Linear):
             accumulators[name] = HessianAccumulator(module.in_features)
             handles.append(module.register_forward_pre_hook(
                 lambda mod, args, acc=accumulators[name]: acc.add(args[0])))
+        else:
+            expert_stats[name] = ExpertStatistics(module, hessians=True)
+            handles.append(module.register_forward_pre_hook(expert_stats[name].hook, with_kwargs=True))
     try:
         _run_layer(layer, captured)
     finally:
@@ -258,16 +347,32 @@ def _quantize_layer(layer, layer_prefix, targets, captured, calibration, state, 
         state.tensor = layer_prefix + name
         if bar is not None:
             bar.set_postfix_str(f"{name} ({state.tiles_per_second():.0f} tiles/s)" if state.tiles else name)
-        hessian = accumulators[name].hessian() if name in accumulators else None
+        full_name = layer_prefix + name
+        hessian = accumulators[name].hessian() if name in accumulators else expert_stats[name].hessians()
+        if settings["format"] == "trellis":
+            new = quantized_module(full_name, module, settings, hessian=hessian)
+            state.tiles += sum(p.numel() for p in module.parameters()) // 256
+            replace_module(layer, name, new)
+            continue
         fmt = get_format(settings["format"], settings["bits"])
-        if hessian is None:
-            new = quantized_module(layer_prefix + name, module, settings)
-        elif isinstance(fmt, GroupFormat):
-            qw = gptq_quantize(module.weight, hessian, fmt, settings["group_size"], settings["symmetric"],
-                               settings["scale_method"], calibration.act_order, calibration.damp,
-                               name=layer_prefix + name)
-            new = MetalQuantizedLinear.from_quantized(qw, module.bias, name=layer_prefix + name)
+        if isinstance(module, nn.Linear):
+            new = MetalQuantizedLinear.from_quantized(_gptq(module.weight, hessian, fmt, settings, calibration,
+                                                            full_name), module.bias, name=full_name)
         else:
-            new = quantized_module(layer_prefix + name, module, settings, hessian=hessian)
-            state.tiles += module.weight.numel() // 256
+            stacked = {p: GroupQuantizedWeight.stack([
+                _gptq(getattr(module, p)[e], hessian[p][e], fmt, settings, calibration, f"{full_name}.{p}.{e}")
+                for e in range(module.gate_up_proj.shape[0])]) for p in PROJECTIONS}
+            new = QuantizedExperts.from_quantized(stacked["gate_up_proj"], stacked["down_proj"], module.act_fn,
+                                                  settings["group_size"], name=full_name)
         replace_module(layer, name, new)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor | None, fmt: GroupFormat, settings: dict[str, Any],
+          calibration: CalibrationSettings, name: str) -> GroupQuantizedWeight:
+    """GPTQ with the module's settings; round to nearest where calibration never reached (an unused expert)."""
+    group = dict(group_size=settings["group_size"], symmetric=settings["symmetric"],
+                 scale_method=settings["scale_method"])
+    if hessian is None:
+        return fmt.quantize(weight.detach(), name=name, **group)
+    return gptq_quantize(weight.detach(), hessian, fmt, act_order=calibration.act_order, damp=calibration.damp,
+                         name=name, **group)

@@ -1,7 +1,7 @@
 """Quantized drop-in modules and the in-place model rewriter."""
 
 from .buffers import QuantizedWeightBuffers
-from .experts import DenseExperts, GroupedExperts, QuantizedExperts
+from .experts import DenseExperts, GroupedExperts, QuantizedExperts, TrellisExperts
 from .linear import MetalQuantizedLinear
 from .replace import (
     DEFAULT_SKIP,
@@ -10,6 +10,7 @@ from .replace import (
     is_fused_experts,
     plan_replacement,
     quantized_module,
+    quantized_submodules,
     replace_linear_layers,
     replace_module,
 )
@@ -23,11 +24,13 @@ __all__ = [
     "QuantizedExperts",
     "QuantizedWeightBuffers",
     "ReplacementSummary",
+    "TrellisExperts",
     "TrellisLinear",
     "dequantize_model",
     "is_fused_experts",
     "plan_replacement",
     "quantized_module",
+    "quantized_submodules",
     "replace_module",
     "replace_linear_layers",
 ]

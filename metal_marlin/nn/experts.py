@@ -1,5 +1,6 @@
-"""``QuantizedExperts``: transformers' fused MoE experts (``gate_up_proj [E, 2I, H]``,
-``down_proj [E, H, I]``) with group-quantized weights.
+"""Quantized replacements of transformers' fused MoE experts (``gate_up_proj [E, 2I, H]``,
+``down_proj [E, H, I]``): ``QuantizedExperts`` (group formats, one stacked tensor per projection) and
+``TrellisExperts`` (one trellis-coded matrix per expert and projection, so each may have its own bits).
 
 The forward sorts the (token, slot) pairs by expert once and runs one matmul per active expert on a
 contiguous slice: the Python loop is over experts, never over tokens.
@@ -8,14 +9,18 @@ contiguous slice: the Python loop is over experts, never over tokens.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..formats import GroupQuantizedWeight
 from ..ops import quant_matmul
-from ..quant import quantize_weight
+from ..quant import quantize_trellis, quantize_weight
 from .buffers import QuantizedWeightBuffers
+from .trellis import TrellisLinear
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 class GroupedExperts(nn.Module, ABC):
@@ -26,9 +31,14 @@ class GroupedExperts(nn.Module, ABC):
     say how one expert's ``gate_up_proj`` / ``down_proj`` is applied (``expert_linear``).
     """
 
-    num_experts: int
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
-    name: str = ""
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int,
+                 act_fn: Callable[[torch.Tensor], torch.Tensor], name: str = "") -> None:
+        super().__init__()
+        self.name = name
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.act_fn = act_fn
 
     @abstractmethod
     def expert_linear(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
@@ -67,12 +77,10 @@ class DenseExperts(GroupedExperts):
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                  act_fn: Callable[[torch.Tensor], torch.Tensor], name: str = "") -> None:
-        super().__init__()
-        self.name = name
-        self.num_experts = gate_up_proj.shape[0]
+        num_experts, two_i, hidden = gate_up_proj.shape
+        super().__init__(num_experts, hidden, two_i // 2, act_fn, name)
         self.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
         self.down_proj = nn.Parameter(down_proj, requires_grad=False)
-        self.act_fn = act_fn
 
     def expert_linear(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, getattr(self, projection)[expert].to(x.dtype))
@@ -93,12 +101,7 @@ class QuantizedExperts(GroupedExperts):
         device: torch.device | str | None = None,
         name: str = "",
     ) -> None:
-        super().__init__()
-        self.name = name
-        self.num_experts = num_experts
-        self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.act_fn = act_fn
+        super().__init__(num_experts, hidden_dim, intermediate_dim, act_fn, name)
         self.gate_up_proj = QuantizedWeightBuffers((num_experts, 2 * intermediate_dim, hidden_dim), format,
                                                    group_size, symmetric, device, f"{name}.gate_up_proj")
         self.down_proj = QuantizedWeightBuffers((num_experts, hidden_dim, intermediate_dim), format,
@@ -124,6 +127,19 @@ class QuantizedExperts(GroupedExperts):
                                                 scale_method=scale_method, name=part.name))
         return mod
 
+    @classmethod
+    def from_quantized(cls, gate_up_proj: GroupQuantizedWeight, down_proj: GroupQuantizedWeight,
+                       act_fn: Callable[[torch.Tensor], torch.Tensor], group_size: int,
+                       name: str = "") -> QuantizedExperts:
+        """Wrap stacked quantized weights ``[E, 2I, H]`` and ``[E, H, I]`` (e.g. from per-expert GPTQ);
+        ``group_size`` is the setting they were made with (``-1``: per channel)."""
+        num_experts, two_i, hidden = gate_up_proj.shape
+        mod = cls(num_experts, hidden, two_i // 2, act_fn, gate_up_proj.format.name, group_size,
+                  gate_up_proj.symmetric, gate_up_proj.packed.device, name)
+        mod.gate_up_proj.load_quantized(gate_up_proj)
+        mod.down_proj.load_quantized(down_proj)
+        return mod
+
     def expert_linear(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         part: QuantizedWeightBuffers = getattr(self, projection)
         offsets = None if part.offsets is None else part.offsets[expert]
@@ -133,3 +149,90 @@ class QuantizedExperts(GroupedExperts):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
                 f"intermediate_dim={self.intermediate_dim}, {self.gate_up_proj.format_repr()}")
+
+
+def expert_bits(bits: int | Mapping[str, Sequence[int]], num_experts: int, name: str) -> dict[str, list[int]]:
+    """``{projection: [bits per expert]}`` from one width or a per-expert mapping, checked."""
+    if isinstance(bits, int):
+        return {p: [bits] * num_experts for p in PROJECTIONS}
+    if set(bits) != set(PROJECTIONS):
+        raise ValueError(f"{name}: per-expert bits need exactly the keys {PROJECTIONS}, got {sorted(bits)}")
+    for projection in PROJECTIONS:
+        if len(bits[projection]) != num_experts:
+            raise ValueError(f"{name}.{projection}: {len(bits[projection])} bit widths for {num_experts} experts")
+    return {p: [int(k) for k in bits[p]] for p in PROJECTIONS}
+
+
+class TrellisExperts(GroupedExperts):
+    """Fused MoE experts with trellis-coded weights: ``gate_up_proj[e]`` and ``down_proj[e]`` are
+    ``TrellisLinear`` modules, each with its own bit width (``bits[projection][e]``)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        bits: Mapping[str, Sequence[int]],
+        codebook: str = "3inst",
+        had: Mapping[str, tuple[int, int]] | None = None,
+        device: torch.device | str | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__(num_experts, hidden_dim, intermediate_dim, act_fn, name)
+        self.codebook = codebook
+        shapes = {"gate_up_proj": (hidden_dim, 2 * intermediate_dim), "down_proj": (intermediate_dim, hidden_dim)}
+        for projection, widths in expert_bits(bits, num_experts, name).items():
+            had_in, had_out = (had or {}).get(projection, (128, 128))
+            in_features, out_features = shapes[projection]
+            setattr(self, projection, nn.ModuleList(
+                TrellisLinear(in_features, out_features, bias=False, bits=k, codebook=codebook, had_in=had_in,
+                              had_out=had_out, device=device, name=f"{name}.{projection}.{e}")
+                for e, k in enumerate(widths)))
+
+    @classmethod
+    def from_float(
+        cls,
+        experts: nn.Module,
+        bits: int | Mapping[str, Sequence[int]] = 4,
+        codebook: str = "3inst",
+        hessians: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+        name: str = "",
+    ) -> TrellisExperts:
+        """Trellis-code a transformers experts module, expert by expert. ``bits`` is one width for all or
+        ``{projection: [bits per expert]}``; ``hessians`` (optional) gives each expert's input Hessian
+        (``None`` for an expert that calibration never reached: it is coded without LDLQ)."""
+        num_experts, two_i, hidden = experts.gate_up_proj.shape
+        bits = expert_bits(bits, num_experts, name)
+        coded = {p: [quantize_trellis(getattr(experts, p)[e], bits=bits[p][e], codebook=codebook,
+                                      hessian=None if hessians is None else hessians[p][e],
+                                      name=f"{name}.{p}.{e}")
+                     for e in range(num_experts)] for p in PROJECTIONS}
+        had = {p: (coded[p][0].had_in, coded[p][0].had_out) for p in PROJECTIONS}
+        mod = cls(num_experts, hidden, two_i // 2, experts.act_fn, bits, codebook, had,
+                  experts.gate_up_proj.device, name)
+        for p in PROJECTIONS:
+            for e, tw in enumerate(coded[p]):
+                getattr(mod, p)[e].load_quantized(tw)
+        return mod
+
+    @property
+    def bits(self) -> dict[str, list[int]]:
+        return {p: [m.bits for m in getattr(self, p)] for p in PROJECTIONS}
+
+    @property
+    def hadamard_blocks(self) -> dict[str, tuple[int, int]]:
+        return {p: (getattr(self, p)[0].had_in, getattr(self, p)[0].had_out) for p in PROJECTIONS}
+
+    def expert_linear(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, projection)[expert](x)
+
+    def dequantize_weight(self, projection: str) -> torch.Tensor:
+        """The dense float32 ``[E, N, K]`` weight of one projection."""
+        return torch.stack([m.dequantize_weight() for m in getattr(self, projection)])
+
+    def extra_repr(self) -> str:
+        mean_bits = {p: sum(b) / len(b) for p, b in self.bits.items()}
+        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+                f"intermediate_dim={self.intermediate_dim}, format=trellis, codebook={self.codebook}, "
+                f"mean bits gate_up={mean_bits['gate_up_proj']:.2f} down={mean_bits['down_proj']:.2f}")

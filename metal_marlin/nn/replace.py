@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from ..formats import GroupFormat, get_format, resolve_group_size
 from ..formats.trellis import TILE
-from .experts import DenseExperts, QuantizedExperts
+from .experts import DenseExperts, QuantizedExperts, TrellisExperts
 from .linear import MetalQuantizedLinear
 from .trellis import TrellisLinear
 
@@ -92,20 +92,25 @@ def _validate(name: str, module: nn.Module, settings: dict[str, Any]) -> dict[st
         for k in dims:
             resolve_group_size(settings["group_size"], k, name)
         return settings
-    if not is_linear:
-        raise ValueError(f"{name}: the trellis format is not available for fused MoE experts yet; give them a "
-                         "group format with layer_config (e.g. {r'experts': {'format': 'int4'}})")
-    if module.in_features % TILE or module.out_features % TILE:
-        raise ValueError(f"{name}: trellis needs dimensions that are multiples of {TILE}, got "
-                         f"{module.out_features}x{module.in_features}")
+    shapes = [(module.out_features, module.in_features)] if is_linear else \
+        [tuple(module.gate_up_proj.shape[1:]), tuple(module.down_proj.shape[1:])]
+    for n, k in shapes:
+        if n % TILE or k % TILE:
+            raise ValueError(f"{name}: trellis needs dimensions that are multiples of {TILE}, got {n}x{k}")
     return settings
 
 
 def quantized_module(name: str, module: nn.Module, settings: dict[str, Any], hessian=None) -> nn.Module:
-    """The quantized replacement of ``module`` (validated settings; ``hessian`` only for trellis)."""
+    """The quantized replacement of ``module`` (validated settings; ``hessian`` only for trellis: a
+    matrix for a linear, ``{projection: [per-expert matrix or None]}`` for fused experts, whose
+    ``settings["bits"]`` may also be ``{projection: [per-expert bits]}``)."""
     if settings["format"] == "trellis":
-        return TrellisLinear.from_float(module, bits=settings["bits"] or 4, codebook=settings["codebook"],
-                                        hessian=hessian, name=name)
+        bits = settings["bits"] or 4
+        if isinstance(module, nn.Linear):
+            return TrellisLinear.from_float(module, bits=bits, codebook=settings["codebook"], hessian=hessian,
+                                            name=name)
+        return TrellisExperts.from_float(module, bits=bits, codebook=settings["codebook"], hessians=hessian,
+                                         name=name)
     group = {k: settings[k] for k in GROUP_KEYS}
     if isinstance(module, nn.Linear):
         return MetalQuantizedLinear.from_float(module, settings["format"], name=name, **group)
@@ -178,11 +183,26 @@ def replace_linear_layers(
     return summary
 
 
+QUANTIZED_MODULES = (MetalQuantizedLinear, TrellisLinear, QuantizedExperts, TrellisExperts)
+
+
+def quantized_submodules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The quantized modules of ``model`` by name, outermost only (not the per-expert ``TrellisLinear``
+    inside a ``TrellisExperts``)."""
+    inside: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(mod, QUANTIZED_MODULES):
+            yield name, mod
+            if isinstance(mod, TrellisExperts):
+                inside.append(name + ".")
+
+
 def dequantize_model(model: nn.Module) -> int:
     """Replace every quantized module of ``model`` by its dense float32 equivalent, in place (the inverse
     of ``replace_linear_layers`` up to rounding). Returns the number of modules replaced."""
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, (MetalQuantizedLinear, TrellisLinear, QuantizedExperts))]
+    targets = list(quantized_submodules(model))
     for name, mod in targets:
         if isinstance(mod, (MetalQuantizedLinear, TrellisLinear)):
             dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
@@ -190,6 +210,9 @@ def dequantize_model(model: nn.Module) -> int:
                 dense.weight.copy_(mod.dequantize_weight())
                 if mod.bias is not None:
                     dense.bias.copy_(mod.bias)
+        elif isinstance(mod, TrellisExperts):
+            dense = DenseExperts(mod.dequantize_weight("gate_up_proj"), mod.dequantize_weight("down_proj"),
+                                 mod.act_fn, name)
         else:
             dense = DenseExperts(mod.gate_up_proj.dequantize_weight(), mod.down_proj.dequantize_weight(), mod.act_fn,
                                  name)

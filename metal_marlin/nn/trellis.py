@@ -50,12 +50,21 @@ class TrellisLinear(nn.Module):
         out_features, in_features = tw.shape
         mod = cls(in_features, out_features, bias=bias is not None, dtype=bias.dtype if bias is not None
                   else torch.float32, device=tw.trellis.device, name=name, **tw.settings())
-        mod.trellis.copy_(tw.trellis)
-        mod.su.copy_(tw.su)
-        mod.sv.copy_(tw.sv)
+        mod.load_quantized(tw)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
         return mod
+
+    def load_quantized(self, tw: TrellisWeight) -> None:
+        """Copy a trellis weight of matching layout into the buffers."""
+        mine = ((self.out_features, self.in_features), self.bits, self.codebook, self.had_in, self.had_out)
+        theirs = (tuple(tw.shape), tw.bits, tw.codebook, tw.had_in, tw.had_out)
+        if mine != theirs:
+            raise ValueError(f"{self.name or 'TrellisLinear'}: cannot load {theirs} into {mine} "
+                             "(shape, bits, codebook, had_in, had_out)")
+        self.trellis.copy_(tw.trellis)
+        self.su.copy_(tw.su)
+        self.sv.copy_(tw.sv)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, codebook: str = "3inst",

@@ -10,6 +10,7 @@ proxy is convex in K, so this greedy walk is optimal for the relaxed budget.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Relative MSE of the 3inst trellis on i.i.d. N(0,1) weights (256x128, measured with our encoder).
@@ -36,18 +37,22 @@ class TensorCost:
         return 16 * (self.n_out + self.n_in)  # the two float16 scale vectors
 
 
-def allocate_bits(tensors: list[TensorCost], bpw: float, min_bits: int = 1, max_bits: int = 8) -> dict[str, int]:
-    """Integer bits per tensor with ``sum(stored bits) <= bpw * sum(params)``, greedy by proxy drop per bit."""
+def allocate_bits(tensors: list[TensorCost], bpw: float, min_bits: int = 1, max_bits: int = 8,
+                  floors: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Integer bits per tensor with ``sum(stored bits) <= bpw * sum(params)``, greedy by proxy drop per bit.
+
+    ``floors`` raises the minimum of named tensors above ``min_bits``."""
     if not tensors:
         return {}
+    floors = floors or {}
     total_params = sum(t.params for t in tensors)
     overhead = sum(t.overhead_bits() for t in tensors)
     budget = bpw * total_params - overhead
-    bits = {t.name: min_bits for t in tensors}
-    used = min_bits * total_params
+    bits = {t.name: max(min_bits, floors.get(t.name, min_bits)) for t in tensors}
+    used = sum(bits[t.name] * t.params for t in tensors)
     if used > budget:
         raise ValueError(f"bpw={bpw} is below the minimum of {(used + overhead) / total_params:.3f} bits per weight "
-                         f"({min_bits} bit(s) plus the scale vectors)")
+                         f"(the minimum bits of every tensor plus the scale vectors)")
     while True:
         best, best_gain = None, 0.0
         for t in tensors:

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from metal_marlin import CheckpointError, load_quantized_model, replace_linear_layers, save_quantized
 from metal_marlin.models import checkpoint as checkpoint_module
+from metal_marlin.models.info import describe_checkpoint
+from metal_marlin.nn import TrellisExperts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nn"))
 from tiny_models import build_model  # noqa: E402
@@ -188,12 +190,23 @@ def test_not_a_checkpoint(tmp_path):
 def test_trellis_round_trip(tmp_path):
     model = build_model("qwen3_moe")
     replace_linear_layers(model, format="trellis", bits=2, codebook="mul1", group_size=32,
-                          layer_config={r"experts$": {"format": "int3"}})
+                          layer_config={r"0\.mlp\.experts$": {"format": "int3"}})
+    bits = {"gate_up_proj": [2, 3, 4, 2, 3, 4, 2, 3], "down_proj": [4, 3, 2, 4, 3, 2, 4, 5]}
+    experts = TrellisExperts.from_float(build_model("qwen3_moe").model.layers[1].mlp.experts, bits=bits,
+                                        codebook="mul1", name="model.layers.1.mlp.experts")
+    model.model.layers[1].mlp.experts = experts
     save_quantized(model, tmp_path / "ck")
     qconfig = json.loads((tmp_path / "ck" / "quantization_config.json").read_text())
     spec = qconfig["modules"]["model.layers.1.self_attn.q_proj"]
     assert spec | {} == {**spec, "format": "trellis", "bits": 2, "codebook": "mul1", "had_in": 32, "had_out": 128}
+    assert qconfig["modules"]["model.layers.1.mlp.experts"] == {
+        "kind": "experts", "format": "trellis", "codebook": "mul1", "num_experts": 8, "hidden_dim": 96,
+        "intermediate_dim": 64, "expert_bits": bits, "hadamard_blocks": {"gate_up_proj": [32, 128],
+                                                                         "down_proj": [64, 32]}}
+    assert qconfig["modules"]["model.layers.0.mlp.experts"]["format"] == "int3"
+    assert not any(".experts." in name for name in qconfig["modules"])  # per-expert matrices are not modules
     assert qconfig["default"]["format"] == "trellis"
+    assert "trellis K=2/3/4/5" in describe_checkpoint(tmp_path / "ck")
     loaded, _ = load_quantized_model(tmp_path / "ck")
     assert torch.equal(logits(loaded), logits(model))
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "ck")), logits(model))

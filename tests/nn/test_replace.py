@@ -13,7 +13,7 @@ import torch
 from tiny_models import CONFIGS, build_model
 
 from metal_marlin import MetalQuantizedLinear, QuantizedExperts, replace_linear_layers
-from metal_marlin.nn import TrellisLinear
+from metal_marlin.nn import TrellisExperts, TrellisLinear, dequantize_model, quantized_submodules, replace_module
 
 ARCHS = list(CONFIGS)
 
@@ -22,13 +22,17 @@ def dequantized_twin(original: torch.nn.Module, quantized: torch.nn.Module) -> t
     """A copy of ``original`` whose replaced weights hold the dequantized values of ``quantized``."""
     twin = copy.deepcopy(original)
     with torch.no_grad():
-        for name, mod in quantized.named_modules():
+        for name, mod in quantized_submodules(quantized):
             if isinstance(mod, (MetalQuantizedLinear, TrellisLinear)):
                 twin.get_submodule(name).weight.copy_(mod.dequantize_weight())
             elif isinstance(mod, QuantizedExperts):
                 target = twin.get_submodule(name)
                 target.gate_up_proj.copy_(mod.gate_up_proj.dequantize_weight())
                 target.down_proj.copy_(mod.down_proj.dequantize_weight())
+            else:
+                target = twin.get_submodule(name)
+                target.gate_up_proj.copy_(mod.dequantize_weight("gate_up_proj"))
+                target.down_proj.copy_(mod.dequantize_weight("down_proj"))
     return twin
 
 
@@ -216,6 +220,32 @@ def test_trellis_logits_equal_dequantized_model(arch, token_ids):
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_trellis_experts_are_refused_clearly():
-    with pytest.raises(ValueError, match=r"mlp\.experts: the trellis format is not available for fused MoE experts"):
-        replace_linear_layers(build_model("qwen3_moe"), format="trellis", bits=3)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe_lite"])
+def test_trellis_experts_with_per_expert_bits(arch, token_ids):
+    """Fused experts trellis-coded expert by expert, each projection and expert with its own bit width."""
+    original = build_model(arch)
+    quantized = copy.deepcopy(original)
+    replace_linear_layers(quantized, format="trellis", bits=3)
+    name = next(n for n, m in quantized.named_modules() if isinstance(m, TrellisExperts))
+    experts = original.get_submodule(name)
+    count = experts.gate_up_proj.shape[0]
+    bits = {"gate_up_proj": [2 + e % 3 for e in range(count)], "down_proj": [4 - e % 3 for e in range(count)]}
+    mixed = TrellisExperts.from_float(experts, bits=bits, codebook="mcg", name=name)
+    assert mixed.bits == bits
+    assert [m.bits for m in mixed.down_proj] == bits["down_proj"]
+    replace_module(quantized, name, mixed)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(token_ids).logits, dequantized_twin(original, quantized)(token_ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    # dequantize_model restores dense experts carrying exactly the dequantized values
+    restored = copy.deepcopy(quantized)
+    dequantize_model(restored)
+    assert not list(quantized_submodules(restored))
+    assert torch.equal(restored.get_submodule(name).down_proj, mixed.dequantize_weight("down_proj"))
+
+
+def test_trellis_experts_bad_bits_named():
+    experts = build_model("qwen3_moe").model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"layer0\.experts\.down_proj: 3 bit widths for 8 experts"):
+        TrellisExperts.from_float(experts, bits={"gate_up_proj": [2] * 8, "down_proj": [2] * 3},
+                                  name="layer0.experts")

@@ -58,3 +58,42 @@ def test_pipeline_bpw_mixes_bits_within_budget():
     assert len({m.bits for m in layers}) > 1
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_moe_bits_follow_routing_and_protect_attention():
+    """GLM-4.7-Flash-style MoE: an expert the router never picks gets the floor of 2 bits; the others'
+    gate_up bits rise with their routed input energy sum(w^2 ||x||^2) (w: routing weight, measured here
+    by the test's own hook) times mean(W^2); attention and the shared expert keep ceil(bpw) + 1 bits."""
+    from metal_marlin.models.quantize import quantize_model
+    from metal_marlin.nn import TrellisExperts
+
+    model = copy.deepcopy(build_model("glm4_moe_lite"))
+    router = model.model.layers[1].mlp.gate
+    with torch.no_grad():
+        router.e_score_correction_bias[0] = -100.0  # selection adds the bias: expert 0 is never chosen
+    original = model.model.layers[1].mlp.experts
+    energy = torch.zeros(8, dtype=torch.float64)
+
+    def record(module, args):
+        hidden, index, weights = args
+        for e in range(8):
+            rows, slots = (index == e).nonzero(as_tuple=True)
+            energy[e] += (weights[rows, slots].double() ** 2 * hidden[rows].double().square().sum(-1)).sum()
+
+    handle = original.register_forward_pre_hook(record)
+    quantize_model(model, CharTokenizer(), format="trellis", calibration_text=TEXT, calibration=SETTINGS, bpw=3.5)
+    handle.remove()
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, TrellisExperts)
+    assert experts.bits["gate_up_proj"][0] == 2 and experts.bits["down_proj"][0] == 2
+    sensitivity = energy * original.gate_up_proj.detach().double().square().mean(dim=(1, 2))
+    ranked = [experts.bits["gate_up_proj"][e] for e in sensitivity.argsort().tolist()]
+    assert ranked == sorted(ranked) and ranked[-1] > 2
+    protected = [m for n, m in model.named_modules() if isinstance(m, TrellisLinear)
+                 and ("self_attn" in n or "shared_experts" in n)]
+    assert protected and all(m.bits >= 5 for m in protected)
+    coded = [m for m in model.modules() if isinstance(m, TrellisLinear)]  # includes every expert's matrices
+    weights = sum(m.in_features * m.out_features for m in coded)
+    assert sum(m.quantized_weight.nbytes * 8 for m in coded) / weights <= 3.5 + 1e-9
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

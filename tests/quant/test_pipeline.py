@@ -12,6 +12,7 @@ import torch
 from metal_marlin import MetalQuantizedLinear, replace_linear_layers
 from metal_marlin.models import quantize as pipeline
 from metal_marlin.models.quantize import CalibrationSettings, quantize_model
+from metal_marlin.nn import DenseExperts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nn"))
 from tiny_models import build_model  # noqa: E402
@@ -94,11 +95,49 @@ def test_calibration_text_too_short():
                        calibration=SETTINGS)
 
 
-def test_trellis_ldlq_pipeline_beats_plain_trellis():
-    original = build_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_trellis_ldlq_pipeline_beats_plain_trellis(arch):
+    original = build_model(arch)
     ids = torch.tensor([CharTokenizer()(TEXT[:200]).input_ids[:96]])
     plain = copy.deepcopy(original)
     replace_linear_layers(plain, format="trellis", bits=2)
     ldlq = copy.deepcopy(original)
     quantize_model(ldlq, CharTokenizer(), format="trellis", bits=2, calibration_text=TEXT, calibration=SETTINGS)
     assert output_error(ldlq, original, ids) < output_error(plain, original, ids)
+
+
+def test_calibrated_experts_beat_uncalibrated_experts():
+    """Only the experts differ: per-expert Hessians (GPTQ, LDLQ) must lower the model's output error."""
+    original = build_model("qwen3_moe")
+    ids = torch.tensor([CharTokenizer()(TEXT[:200]).input_ids[:96]])
+    keep_rest = {r"^(?!.*experts$)": None}
+    for fmt, bits in (("int3", None), ("trellis", 2)):
+        rtn = copy.deepcopy(original)
+        replace_linear_layers(rtn, format=fmt, bits=bits, group_size=32, layer_config=keep_rest)
+        calibrated = copy.deepcopy(original)
+        quantize_model(calibrated, CharTokenizer(), format=fmt, bits=bits, group_size=32, layer_config=keep_rest,
+                       calibration_text=TEXT, calibration=SETTINGS)
+        kinds = {type(m).__name__ for n, m in calibrated.named_modules() if n.endswith("experts")}
+        assert kinds == {"QuantizedExperts" if fmt == "int3" else "TrellisExperts"}
+        assert output_error(calibrated, original, ids) < output_error(rtn, original, ids), fmt
+
+
+def test_expert_statistics_against_float64():
+    """Per-expert Hessians and energies equal a direct float64 computation over the routed tokens."""
+    torch.manual_seed(0)
+    experts = DenseExperts(torch.randn(4, 2 * 16, 32) * 0.2, torch.randn(4, 32, 16) * 0.2, torch.nn.functional.silu)
+    hidden = torch.randn(10, 32)
+    index = torch.tensor([[0, 1], [1, 2], [0, 2], [1, 0], [2, 4], [0, 1], [2, 1], [1, 0], [0, 2], [4, 1]])
+    weights = torch.rand(10, 2)
+    stats = pipeline.ExpertStatistics(experts, hessians=True)
+    stats.hook(experts, (hidden, index), {"top_k_weights": weights})
+    hessians = stats.hessians()
+    assert hessians["gate_up_proj"][3] is None and hessians["down_proj"][3] is None  # never routed
+    for e in range(3):
+        rows, slots = (index == e).nonzero(as_tuple=True)
+        x, w = hidden[rows].double(), weights[rows, slots].double().unsqueeze(-1)
+        gate, up = (x @ experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
+        inner = torch.nn.functional.silu(gate) * up
+        for p, v in (("gate_up_proj", w * x), ("down_proj", w * inner)):
+            torch.testing.assert_close(hessians[p][e], v.T @ v / len(rows), rtol=1e-5, atol=1e-6)
+            assert stats.energy(p)[e] == pytest.approx(v.square().sum().item() / 10, rel=1e-5)

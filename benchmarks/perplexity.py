@@ -15,7 +15,7 @@ import time
 import torch
 
 from metal_marlin.eval import load_corpus, perplexity
-from metal_marlin.models.loading import embedded_model_path, load_model
+from metal_marlin.models.loading import embedded_model_path, load_transformers_model
 from metal_marlin.models.quantize import CalibrationSettings, quantize_model
 from metal_marlin.nn import dequantize_model, replace_linear_layers
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run the rows whose name contains one of these")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(str(embedded_model_path()))
+    model, tokenizer = load_transformers_model(str(embedded_model_path()))
     dequantize_model(model)
     text = load_corpus()
     print(f"SmolLM2-135M-Instruct, first {args.max_tokens} tokens of lee_background.cor, seq {args.seq_len}, "

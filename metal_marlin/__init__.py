@@ -9,6 +9,9 @@ Public API:
 * ``replace_linear_layers(model, format=..., group_size=..., skip=..., layer_config=...)``.
 * ``save_quantized(model, path)`` / ``load_quantized_model(path)``: the checkpoint format; after
   ``import metal_marlin``, ``AutoModelForCausalLM.from_pretrained(path)`` reads it too.
+* ``TrellisForCausalLM.from_pretrained(path)``: our runtime (llama, qwen2, qwen3, qwen3_moe,
+  glm4_moe_lite, deepseek_v3) with ``generate`` / ``generate_stream``; ``load_model(source)`` resolves
+  any MODEL argument (checkpoint, GGUF, transformers directory, None = the embedded default).
 * ``read_gguf(path)``: import a llama-family GGUF file.
 
 Importing the package registers the custom ops ``torch.ops.metal_marlin.*``.
@@ -22,7 +25,7 @@ from .formats import (
     get_format,
     register_format,
 )
-from .models import CheckpointError, load_quantized_model, read_gguf, save_quantized
+from .models import CheckpointError, TrellisForCausalLM, load_model, load_quantized_model, read_gguf, save_quantized
 from .nn import MetalQuantizedLinear, QuantizedExperts, ReplacementSummary, replace_linear_layers
 from .ops import quant_matmul
 from .quant import quantize_weight
@@ -37,8 +40,10 @@ __all__ = [
     "QuantizedExperts",
     "QuantizedWeight",
     "ReplacementSummary",
+    "TrellisForCausalLM",
     "TrellisWeight",
     "get_format",
+    "load_model",
     "load_quantized_model",
     "quant_matmul",
     "quantize_weight",

@@ -14,25 +14,41 @@ import torch
 MODEL_HELP = "checkpoint dir, GGUF file, transformers dir or hub id (default: embedded SmolLM2-135M-Instruct)"
 
 
-def _load(args: argparse.Namespace, need_tokenizer: bool = True):
-    from .models.loading import load_model
+def _load(args: argparse.Namespace, need_tokenizer: bool = True, runtime: bool = True):
+    """Our runtime (``TrellisForCausalLM``) for generation and evaluation of the supported architectures;
+    the transformers model when quantizing (``runtime=False``)."""
+    from .models import load_model, load_transformers_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = (load_model if runtime else load_transformers_model)(args.model)
     if need_tokenizer and tokenizer is None:
         raise ValueError(f"{args.model}: the model has no tokenizer (a GGUF without tokenizer metadata?)")
     return model, tokenizer
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
+    from .generation import SamplingParams
+
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if args.temperature == 0:
-        return dict(max_new_tokens=args.max_tokens, do_sample=False)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    return dict(max_new_tokens=args.max_tokens, do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, seed=args.seed)
+    SamplingParams(**params)  # validates
+    return dict(max_new_tokens=args.max_tokens, **params)
+
+
+def _stream(model, tokenizer, prompt, kwargs: dict) -> str:
+    """Print the reply as it is generated; returns its text."""
+    from .generation import stream_text
+    from .models import TrellisForCausalLM
+
+    if not isinstance(model, TrellisForCausalLM):
+        raise ValueError(f"{model.config.model_type}: generation needs an architecture TrellisForCausalLM supports")
+    pieces = []
+    for piece in stream_text(model, tokenizer, prompt, **kwargs):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print()
+    return "".join(pieces)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -57,7 +73,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     settings = dict(format=fmt.name, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                     scale_method=args.scale_method, codebook=args.codebook, skip=args.skip)
-    model, tokenizer = _load(args, need_tokenizer=method != "rtn")
+    model, tokenizer = _load(args, need_tokenizer=method != "rtn", runtime=False)
     dequantize_model(model)
     out = Path(args.out)
     work_dir = out.parent / f".{out.name}.partial"
@@ -81,26 +97,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
-
     model, tokenizer = _load(args)
     kwargs = _generation_kwargs(args)
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     if args.stream:
-        model.generate(ids, streamer=TextStreamer(tokenizer), pad_token_id=tokenizer.eos_token_id, **kwargs)
-    else:
-        out = model.generate(ids, pad_token_id=tokenizer.eos_token_id, **kwargs)
-        print(tokenizer.decode(out[0], skip_special_tokens=True))
+        print(args.prompt, end="", flush=True)
+        _stream(model, tokenizer, args.prompt, kwargs)
+        return 0
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, **kwargs)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
-
     model, tokenizer = _load(args)
     kwargs = _generation_kwargs(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     print("chat: type a message; Ctrl-D or /exit ends the session.", file=sys.stderr)
     while True:
         try:
@@ -113,11 +125,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        out = model.generate(ids, streamer=streamer, pad_token_id=tokenizer.eos_token_id, **kwargs)
-        messages.append({"role": "assistant",
-                         "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+        messages.append({"role": "assistant", "content": _stream(model, tokenizer, messages, kwargs)})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -181,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     def add_sampling(q: argparse.ArgumentParser, max_tokens: int) -> None:
         q.add_argument("--max-tokens", type=int, default=max_tokens)
         q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        q.add_argument("--top-k", type=int, default=0, help="0 = off")
         q.add_argument("--top-p", type=float, default=1.0)
-        q.add_argument("--seed", type=int, default=None)
+        q.add_argument("--repetition-penalty", type=float, default=1.0)
+        q.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
     p = sub.add_parser("generate", help="complete a prompt")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP)

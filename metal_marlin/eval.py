@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .models import TrellisForCausalLM
+
 CORPUS_PACKAGE = "gensim"
 CORPUS_FILE = "test/test_data/lee_background.cor"
 
@@ -76,10 +78,17 @@ def perplexity(
     total = torch.zeros((), dtype=torch.float64)
     for start in batches:
         batch = windows[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        logits = _logits(model, batch)[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                                 reduction="sum")
         total += nll.double().cpu()
     n_targets = n_windows * (seq_len - 1)
     mean = (total / n_targets).item()
     return PerplexityResult(math.exp(mean), mean, n_windows, n_targets)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of our runtime or of a transformers model."""
+    if isinstance(model, TrellisForCausalLM):
+        return model(ids)
+    return model(ids, use_cache=False).logits

@@ -302,8 +302,9 @@ def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor], source
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
 
-def load_quantized_model(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
-    """Load a metal-marlin checkpoint: returns ``(model, tokenizer)`` (tokenizer None if not saved)."""
+def load_transformers_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load a metal-marlin checkpoint as a transformers model carrying our quantized modules: returns
+    ``(model, tokenizer)`` (tokenizer None if not saved). ``load_quantized_model`` wraps it in our runtime."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)

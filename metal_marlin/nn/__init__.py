@@ -5,6 +5,7 @@ from .experts import DenseExperts, GroupedExperts, QuantizedExperts, TrellisExpe
 from .linear import MetalQuantizedLinear
 from .replace import (
     DEFAULT_SKIP,
+    QUANTIZED_MODULES,
     ReplacementSummary,
     dequantize_model,
     is_fused_experts,
@@ -18,6 +19,7 @@ from .trellis import TrellisLinear
 
 __all__ = [
     "DEFAULT_SKIP",
+    "QUANTIZED_MODULES",
     "DenseExperts",
     "GroupedExperts",
     "MetalQuantizedLinear",

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     Glm4MoeLiteConfig,
     LlamaConfig,
+    Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
 )
@@ -43,11 +45,29 @@ def glm4_moe_lite_config() -> Glm4MoeLiteConfig:
                              mlp_layer_types=["dense", "sparse"])
 
 
+def qwen2_config() -> Qwen2Config:
+    return Qwen2Config(**COMMON, intermediate_size=224, num_attention_heads=6, num_key_value_heads=3)
+
+
+def deepseek_v3_config() -> DeepseekV3Config:
+    """Grouped top-k routing (4 groups, 2 kept), q without LoRA, interleaved RoPE with YaRN scaling."""
+    return DeepseekV3Config(**COMMON, intermediate_size=192, moe_intermediate_size=32, n_routed_experts=8,
+                            num_experts_per_tok=2, n_shared_experts=2, n_group=4, topk_group=2,
+                            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=96,
+                            qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, first_k_dense_replace=1,
+                            routed_scaling_factor=2.5, rope_interleave=True,
+                            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                             "original_max_position_embeddings": 32, "mscale": 1.0,
+                                             "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
+
+
 CONFIGS = {
     "llama": llama_config,
+    "qwen2": qwen2_config,
     "qwen3": qwen3_config,
     "qwen3_moe": qwen3_moe_config,
     "glm4_moe_lite": glm4_moe_lite_config,
+    "deepseek_v3": deepseek_v3_config,
 }
 
 

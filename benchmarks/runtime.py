@@ -35,7 +35,8 @@ def random_trellis(model: nn.Module, bits: int, seed: int = 0) -> nn.Module:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MetalQuantizedLinear):
             new = TrellisLinear(mod.in_features, mod.out_features, bias=False, bits=bits, name=name,
-                                had_in=hadamard_block_size(mod.in_features), had_out=hadamard_block_size(mod.out_features))
+                                had_in=hadamard_block_size(mod.in_features),
+                                had_out=hadamard_block_size(mod.out_features))
             new.trellis.copy_(torch.randint(-2**31, 2**31 - 1, new.trellis.shape, generator=gen, dtype=torch.int32))
             signs = lambda n: (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).half()  # noqa: E731
             new.su.copy_(signs(mod.in_features))

@@ -13,6 +13,7 @@
 
 #include "common/formats.h"
 #include "cpu/kernels.h"
+#include "cpu/moe_experts.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -55,31 +56,46 @@ mm::Format parse_format(const char* fn, const std::string& name) {
   value_error(fn, "unknown format '" + name + "'; expected one of int2, int3, int4, int8, fp4, fp8");
 }
 
-// Checks and wraps (packed, scales, offsets) for a weight of `k` in-features.
+// Checks and wraps (packed, scales, offsets) for a weight of `k` in-features. With n_experts >= 0 the
+// tensors are stacked [n_experts, ...] and the result is expert 0's matrix; `prefix` starts each
+// argument's name ("gate_up_" for gate_up_packed, ...).
 mm::QuantizedMatrix quantized_matrix(const char* fn, mm::Format format, int64_t k, int64_t group_size,
-                                     const Tensor& packed, const Tensor& scales, const Tensor& offsets) {
+                                     const Tensor& packed, const Tensor& scales, const Tensor& offsets,
+                                     const std::string& prefix = "", int64_t n_experts = -1) {
   using Code = nb::dlpack::dtype_code;
   const int bits = mm::format_bits(format);
-  check_dtype(fn, "packed", packed, Code::Int, 32, "int32");
-  if (packed.ndim() != 2) value_error(fn, "packed must be 2-D [N, K*bits/32], got shape " + shape_string(packed));
-  const int64_t n = int64_t(packed.shape(0));
+  const std::string packed_name = prefix + "packed", scales_name = prefix + "scales";
+  const std::string offsets_name = prefix + "offsets";
+  std::vector<int64_t> lead;
+  if (n_experts >= 0) lead.push_back(n_experts);
+  const size_t dim = lead.size();
+  check_dtype(fn, packed_name.c_str(), packed, Code::Int, 32, "int32");
+  if (packed.ndim() != dim + 2 || (dim && int64_t(packed.shape(0)) != n_experts)) {
+    value_error(fn, packed_name + " must be " + (dim ? "3-D [E=" + std::to_string(n_experts) + ", " : "2-D [") +
+                        "N, K*bits/32], got shape " + shape_string(packed));
+  }
+  const int64_t n = int64_t(packed.shape(dim));
   if (k % mm::kBlockCodes != 0) value_error(fn, "K=" + std::to_string(k) + " must be a multiple of 32");
-  if (int64_t(packed.shape(1)) * 32 != k * bits) {
-    value_error(fn, "packed has " + std::to_string(packed.shape(1)) + " words per row but K=" + std::to_string(k) +
-                        " " + mm::format_name(format) + " codes take " + std::to_string(k * bits / 32));
+  if (int64_t(packed.shape(dim + 1)) * 32 != k * bits) {
+    value_error(fn, packed_name + " has " + std::to_string(packed.shape(dim + 1)) + " words per row but K=" +
+                        std::to_string(k) + " " + mm::format_name(format) + " codes take " +
+                        std::to_string(k * bits / 32));
   }
   if (group_size <= 0 || group_size % mm::kBlockCodes != 0) {
     value_error(fn, "group_size=" + std::to_string(group_size) + " must be a positive multiple of 32");
   }
   const int64_t n_groups = (k + group_size - 1) / group_size;  // the last group is shorter if G does not divide K
-  check_dtype(fn, "scales", scales, Code::Float, 16, "float16");
-  check_shape(fn, "scales", scales, {n, n_groups});
+  std::vector<int64_t> scale_shape = lead;
+  scale_shape.insert(scale_shape.end(), {n, n_groups});
+  check_dtype(fn, scales_name.c_str(), scales, Code::Float, 16, "float16");
+  check_shape(fn, scales_name.c_str(), scales, scale_shape);
   if (offsets.is_valid()) {
     if (!mm::format_is_integer(format)) {
-      value_error(fn, std::string("format ") + mm::format_name(format) + " takes no offsets (pass None)");
+      value_error(fn, std::string("format ") + mm::format_name(format) + " takes no offsets (pass None as " +
+                          offsets_name + ")");
     }
-    check_dtype(fn, "offsets", offsets, Code::Float, 16, "float16");
-    check_shape(fn, "offsets", offsets, {n, n_groups});
+    check_dtype(fn, offsets_name.c_str(), offsets, Code::Float, 16, "float16");
+    check_shape(fn, offsets_name.c_str(), offsets, scale_shape);
   }
   return mm::QuantizedMatrix{format,
                              n,
@@ -113,6 +129,62 @@ void quant_matmul(const Tensor& x, const Tensor& packed, const Tensor& scales, c
   const mm::cpu::MatmulArgs args{w, x.data(), *dtype, m, bias_data, out.data(), n_threads};
   nb::gil_scoped_release release;
   mm::cpu::quant_matmul(args);
+}
+
+void moe_experts(const Tensor& hidden, const Tensor& top_k_index, const Tensor& top_k_weights,
+                 const Tensor& gate_up_packed, const Tensor& gate_up_scales, const Tensor& gate_up_offsets,
+                 const Tensor& down_packed, const Tensor& down_scales, const Tensor& down_offsets, const Tensor& out,
+                 const std::string& format_name, int64_t group_size, int n_threads) {
+  constexpr const char* fn = "moe_experts";
+  using Code = nb::dlpack::dtype_code;
+  const mm::Format format = parse_format(fn, format_name);
+  const std::optional<mm::DType> dtype = float_dtype(hidden);
+  if (!dtype) type_error(fn, "hidden must be float32, float16 or bfloat16, got " + dtype_name(hidden.dtype()));
+  if (hidden.ndim() != 2) value_error(fn, "hidden must be 2-D [T, H], got shape " + shape_string(hidden));
+  const int64_t tokens = int64_t(hidden.shape(0));
+  const int64_t h = int64_t(hidden.shape(1));
+  check_dtype(fn, "top_k_index", top_k_index, Code::Int, 64, "int64");
+  if (top_k_index.ndim() != 2 || int64_t(top_k_index.shape(0)) != tokens) {
+    value_error(fn, "top_k_index must be 2-D [T=" + std::to_string(tokens) + ", k], got shape " +
+                        shape_string(top_k_index));
+  }
+  const int64_t top_k = int64_t(top_k_index.shape(1));
+  check_dtype(fn, "top_k_weights", top_k_weights, Code::Float, 32, "float32");
+  check_shape(fn, "top_k_weights", top_k_weights, {tokens, top_k});
+  if (gate_up_packed.ndim() != 3) {
+    value_error(fn, "gate_up_packed must be 3-D [E, 2I, H*bits/32], got shape " + shape_string(gate_up_packed));
+  }
+  const int64_t n_experts = int64_t(gate_up_packed.shape(0));
+  const mm::QuantizedMatrix gate_up =
+      quantized_matrix(fn, format, h, group_size, gate_up_packed, gate_up_scales, gate_up_offsets, "gate_up_",
+                       n_experts);
+  if (gate_up.n % 2 != 0) {
+    value_error(fn, "gate_up_packed must have an even number of rows 2I (gate, then up), got " +
+                        std::to_string(gate_up.n));
+  }
+  const mm::QuantizedMatrix down = quantized_matrix(fn, format, gate_up.n / 2, group_size, down_packed, down_scales,
+                                                    down_offsets, "down_", n_experts);
+  if (down.n != h) {
+    value_error(fn, "down_packed must have H=" + std::to_string(h) + " rows per expert, got " +
+                        std::to_string(down.n));
+  }
+  check_same_dtype(fn, "out", out, *dtype);
+  check_shape(fn, "out", out, {tokens, h});
+  check_threads(fn, n_threads);
+
+  const mm::cpu::MoeExpertsArgs args{gate_up,
+                                     down,
+                                     n_experts,
+                                     hidden.data(),
+                                     *dtype,
+                                     tokens,
+                                     top_k,
+                                     static_cast<const int64_t*>(top_k_index.data()),
+                                     static_cast<const float*>(top_k_weights.data()),
+                                     out.data(),
+                                     n_threads};
+  nb::gil_scoped_release release;
+  mm::cpu::moe_experts(args);
 }
 
 void dequantize(const Tensor& packed, const Tensor& scales, const Tensor& offsets, const Tensor& out,
@@ -173,6 +245,16 @@ NB_MODULE(_core, m) {
         "bias None or [N] and out [M, N] in x's dtype. group_size is the group length, a multiple of 32 "
         "(K for per-channel; the last group is shorter when it does not divide K). Every element of "
         "out is written. Runs on n_threads threads.");
+
+  m.def("moe_experts", &moe_experts, "hidden"_a.noconvert(), "top_k_index"_a.noconvert(),
+        "top_k_weights"_a.noconvert(), "gate_up_packed"_a.noconvert(), "gate_up_scales"_a.noconvert(),
+        "gate_up_offsets"_a.noconvert().none(), "down_packed"_a.noconvert(), "down_scales"_a.noconvert(),
+        "down_offsets"_a.noconvert().none(), "out"_a.noconvert(), "format"_a, "group_size"_a, "n_threads"_a,
+        "MoE SwiGLU experts, fused: out[t] = sum over slots s of top_k_weights[t, s] * down[e] @ (silu(gate) * "
+        "up) with [gate, up] = gate_up[e] @ hidden[t], e = top_k_index[t, s]; e == E marks a slot to ignore. "
+        "hidden [T, H] and out [T, H] float32/float16/bfloat16 (one dtype); top_k_index int64 [T, k] with "
+        "values in [0, E]; top_k_weights float32 [T, k]; gate_up_* stacked [E, 2I, ...] and down_* [E, H, ...] "
+        "as for quant_matmul, one format and group_size. float32 math; runs on n_threads threads.");
 
   m.def("dequantize", &dequantize, "packed"_a.noconvert(), "scales"_a.noconvert(), "offsets"_a.noconvert().none(),
         "out"_a.noconvert(), "format"_a, "group_size"_a,

@@ -2,8 +2,9 @@
 ``down_proj [E, H, I]``): ``QuantizedExperts`` (group formats, one stacked tensor per projection) and
 ``TrellisExperts`` (one trellis-coded matrix per expert and projection, so each may have its own bits).
 
-The forward sorts the (token, slot) pairs by expert once and runs one matmul per active expert on a
-contiguous slice: the Python loop is over experts, never over tokens.
+``GroupedExperts.forward`` sorts the (token, slot) pairs by expert once and runs one matmul per active
+expert on a contiguous slice: the Python loop is over experts, never over tokens. ``QuantizedExperts``
+with a SiLU activation runs the whole layer as one op (``metal_marlin::moe_experts``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import torch
 from torch import nn
 
 from ..formats import GroupQuantizedWeight
-from ..ops import quant_matmul
+from ..ops import moe_experts, quant_matmul
 from ..quant import quantize_trellis, quantize_weight
 from .buffers import QuantizedWeightBuffers
 from .trellis import TrellisLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def is_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``act_fn`` is SiLU: torch's function or module, or transformers' ``SiLUActivation``."""
+    return (act_fn is torch.nn.functional.silu or isinstance(act_fn, nn.SiLU)
+            or type(act_fn).__name__ == "SiLUActivation")
 
 
 class GroupedExperts(nn.Module, ABC):
@@ -87,7 +94,8 @@ class DenseExperts(GroupedExperts):
 
 
 class QuantizedExperts(GroupedExperts):
-    """Fused MoE experts with group-quantized weights; one quantized matmul per active expert."""
+    """Fused MoE experts with group-quantized weights: with a SiLU activation the forward is one
+    ``moe_experts`` op, otherwise one quantized matmul per active expert."""
 
     def __init__(
         self,
@@ -139,6 +147,18 @@ class QuantizedExperts(GroupedExperts):
         mod.gate_up_proj.load_quantized(gate_up_proj)
         mod.down_proj.load_quantized(down_proj)
         return mod
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if not is_silu(self.act_fn):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        # Each projection's group size is resolved against its own K (per-channel: K); the larger one
+        # describes both, as a group size >= K is one group per row.
+        return moe_experts(hidden_states, top_k_index, top_k_weights, gate_up.packed, gate_up.scales,
+                           gate_up.offsets, down.packed, down.scales, down.offsets, gate_up.format,
+                           max(gate_up.group_size, down.group_size))
 
     def expert_linear(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         part: QuantizedWeightBuffers = getattr(self, projection)

@@ -1,11 +1,13 @@
 """Custom ops (``torch.ops.metal_marlin.*``): each declared once with its backends beside it."""
 
+from .experts import moe_experts
 from .group_matmul import check_quant_matmul_args, quant_matmul, reference_quant_matmul
 from .trellis import hadamard, reference_trellis_matmul, trellis_matmul
 
 __all__ = [
     "check_quant_matmul_args",
     "hadamard",
+    "moe_experts",
     "quant_matmul",
     "reference_quant_matmul",
     "reference_trellis_matmul",

@@ -40,10 +40,12 @@ from ..quant.allocation import TensorCost, allocate_bits
 from ..quant.gptq import gptq_quantize
 from ..quant.hessian import HessianAccumulator
 from .checkpoint import describe_quantized_modules, install_quantized_modules
+from .sensitivity import measure_sensitivity, routed_tokens
 
 # Calibration windows start after the first 8192 tokens, the slice perplexity is measured on.
 CALIBRATION_OFFSET_TOKENS = 8192
-# Under --bpw in MoE models these stay above the average (see _allocate).
+# Under --bpw no matrix gets fewer bits; in MoE models these stay above the average (see _allocate).
+MIN_ALLOCATED_BITS = 2
 PROTECTED_IN_MOE = r"(self_attn|shared_expert)"
 
 
@@ -128,47 +130,28 @@ class QuantizeProgress:
 
 
 class ExpertStatistics:
-    """Calibration statistics of one fused experts module, per expert and projection, from the
-    ``(hidden_states, top_k_index, top_k_weights)`` its forward receives.
+    """Per-expert input Hessians of one fused experts module, from the tokens its forward routes to
+    each expert (``routed_tokens``).
 
     Expert ``e``'s output is scaled by its routing weight ``w``, so its layer-output error is
-    ``w^2 * dW x``: inputs are accumulated as ``w * x`` (``gate_up_proj``) and ``w * act(gate) * up``
-    (``down_proj``). ``energy`` (the sum of their squared norms per layer token) measures routing
-    frequency and sensitivity together; the Hessians (when requested) are their second moments.
+    ``w * dW x``: inputs are accumulated as ``w * x`` (``gate_up_proj``) and ``w * act(gate) * up``
+    (``down_proj``).
     """
 
-    def __init__(self, experts: nn.Module, hessians: bool) -> None:
+    def __init__(self, experts: nn.Module) -> None:
         self.experts = experts
-        self.num_experts, two_i, hidden = experts.gate_up_proj.shape
+        num_experts, two_i, hidden = experts.gate_up_proj.shape
         features = {"gate_up_proj": hidden, "down_proj": two_i // 2}
-        self.accumulators = ({p: [HessianAccumulator(f) for _ in range(self.num_experts)] for p, f in features.items()}
-                             if hessians else None)
-        self.energy_sum = {p: torch.zeros(self.num_experts, dtype=torch.float64) for p in PROJECTIONS}
-        self.tokens = 0
+        self.accumulators = {p: [HessianAccumulator(f) for _ in range(num_experts)] for p, f in features.items()}
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        hidden, index, weights = (*args, *(kwargs[n] for n in names[len(args):]))
-        hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float()
-        index = index.reshape(hidden.shape[0], -1)
-        weights = weights.reshape(hidden.shape[0], -1).float()
-        self.tokens += hidden.shape[0]
-        for e in torch.unique(index).tolist():
-            if e >= self.num_experts:
-                continue  # transformers' ignore index
-            rows, slots = (index == e).nonzero(as_tuple=True)
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        hidden = hidden.reshape(-1, hidden.shape[-1]).float()
+        for e, rows, w in routed_tokens(module, args, kwargs):
             x = hidden[rows]
-            w = weights[rows, slots].unsqueeze(-1)
             gate, up = (x @ self.experts.gate_up_proj[e].float().T).chunk(2, dim=-1)
-            inputs = {"gate_up_proj": w * x, "down_proj": w * self.experts.act_fn(gate) * up}
-            for p, v in inputs.items():
-                self.energy_sum[p][e] += v.double().square().sum()
-                if self.accumulators is not None:
-                    self.accumulators[p][e].add(v)
-
-    def energy(self, projection: str) -> list[float]:
-        """Per expert: ``E ||input||^2`` per token of the layer (zero for an expert never routed to)."""
-        return (self.energy_sum[projection] / max(self.tokens, 1)).tolist()
+            self.accumulators["gate_up_proj"][e].add(w * x)
+            self.accumulators["down_proj"][e].add(w * self.experts.act_fn(gate) * up)
 
     def hessians(self) -> dict[str, list[torch.Tensor | None]]:
         """Per projection and expert the input Hessian, or None where calibration never routed a token."""
@@ -276,49 +259,32 @@ def quantize_model(
 
 
 def _allocate(model: nn.Module, planned: dict, batches: torch.Tensor, bpw: float) -> dict[str, Any]:
-    """Bits per trellis tensor for the ``bpw`` budget, from one calibration pass measuring each tensor's
-    input energy ``E||x||^2`` (per expert: routing frequency and weight included, ``ExpertStatistics``).
+    """Bits per trellis tensor for the ``bpw`` budget, priced by each matrix's loss sensitivity
+    (``sensitivity.measure_sensitivity``: per expert in MoE models) and ``mean(W^2)``.
 
-    In MoE models attention and shared experts get at least ``ceil(bpw) + 1`` bits and routed experts at
-    least 2: the first are small and used by every token, the second are where the budget is spent.
+    Every matrix keeps at least 2 bits: at 1 bit the trellis error (27% of the weight variance) is far
+    outside the small-error regime the proxy assumes. In MoE models attention and shared experts get at
+    least ``ceil(bpw) + 1`` bits: they are small and used by every token, while routed experts are where
+    the budget is spent.
     """
     linears = {n: m for n, (m, s) in planned.items() if s["format"] == "trellis" and isinstance(m, nn.Linear)}
     experts = {n: m for n, (m, s) in planned.items() if s["format"] == "trellis" and not isinstance(m, nn.Linear)}
     if not linears and not experts:
         raise ValueError("bpw allocation needs trellis modules (format='trellis')")
-    energy = {n: [0.0, 0] for n in linears}
-    stats = {n: ExpertStatistics(m, hessians=False) for n, m in experts.items()}
-
-    def hook(name):
-        def record(mod, args):
-            x = args[0].detach().float()
-            energy[name][0] += x.square().sum().item()
-            energy[name][1] += x.numel() // x.shape[-1]
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    handles += [m.register_forward_pre_hook(stats[n].hook, with_kwargs=True) for n, m in experts.items()]
-    try:
-        with torch.no_grad():
-            for row in batches:
-                model(row.unsqueeze(0), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    linear_sensitivity, expert_sensitivity = measure_sensitivity(model, linears, experts, batches)
     costs = [TensorCost(n, m.out_features, m.in_features, m.weight.detach().double().square().mean().item(),
-                        energy[n][0] / max(energy[n][1], 1)) for n, m in linears.items()]
-    floors: dict[str, int] = {}
+                        linear_sensitivity[n]) for n, m in linears.items()]
     for name, module in experts.items():
         for p in PROJECTIONS:
             weight = getattr(module, p).detach().double()
-            for e, input_energy in enumerate(stats[name].energy(p)):
+            for e, sensitivity in enumerate(expert_sensitivity[name][p]):
                 costs.append(TensorCost(f"{name}.{p}.{e}", weight.shape[1], weight.shape[2],
-                                        weight[e].square().mean().item(), input_energy))
-                floors[f"{name}.{p}.{e}"] = 2
+                                        weight[e].square().mean().item(), sensitivity))
+    floors: dict[str, int] = {}
     if experts:
         protected = min(math.ceil(bpw) + 1, 8)
         floors.update({n: protected for n in linears if re.search(PROTECTED_IN_MOE, n)})
-    bits = allocate_bits(costs, bpw, floors=floors)
+    bits = allocate_bits(costs, bpw, min_bits=MIN_ALLOCATED_BITS, floors=floors)
     chosen: dict[str, Any] = {n: bits[n] for n in linears}
     for name, module in experts.items():
         chosen[name] = {p: [bits[f"{name}.{p}.{e}"] for e in range(module.gate_up_proj.shape[0])]
@@ -336,7 +302,7 @@ def _quantize_layer(layer, layer_prefix, targets, captured, calibration, state, 
             handles.append(module.register_forward_pre_hook(
                 lambda mod, args, acc=accumulators[name]: acc.add(args[0])))
         else:
-            expert_stats[name] = ExpertStatistics(module, hessians=True)
+            expert_stats[name] = ExpertStatistics(module)
             handles.append(module.register_forward_pre_hook(expert_stats[name].hook, with_kwargs=True))
     try:
         _run_layer(layer, captured)

@@ -1,11 +1,12 @@
 """Bit allocation for ``--bpw``: integer trellis bits per tensor meeting an average budget while
-minimising a Hessian-weighted error proxy.
+minimising an estimate of the loss increase.
 
 After incoherence processing a trellis code's error is close to i.i.d. with variance
-``mse(K) * mean(W^2)``, so the expected layer-output error ``E tr(dW H dW^T)`` is about
-``mse(K) * mean(W^2) * N * tr(H)`` with ``tr(H) = E||x||^2`` measured on calibration data. Bits are
-handed out greedily, always to the tensor whose proxy drops most per added bit of storage: the
-proxy is convex in K, so this greedy walk is optimal for the relaxed budget.
+``mse(K) * mean(W^2)``, so the expected loss increase of a matrix is about
+``mse(K) * mean(W^2) * sensitivity / 2``, with the sensitivity ``E_t[||x_t||^2 ||dL/dy_t||^2]``
+measured on calibration data (``metal_marlin.models.sensitivity``). Bits are handed out greedily,
+always to the tensor whose proxy drops most per added bit of storage: the proxy is convex in K, so
+this greedy walk is optimal for the relaxed budget.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ class TensorCost:
     n_out: int
     n_in: int
     weight_ms: float  # mean(W^2)
-    input_energy: float  # tr(H) = E||x||^2
+    sensitivity: float  # E_t[||x_t||^2 ||dL/dy_t||^2]
 
     @property
     def params(self) -> int:
         return self.n_out * self.n_in
 
     def proxy(self, bits: int) -> float:
-        return TRELLIS_RELATIVE_MSE[bits] * self.weight_ms * self.n_out * self.input_energy
+        return TRELLIS_RELATIVE_MSE[bits] * self.weight_ms * self.sensitivity
 
     def overhead_bits(self) -> float:
         return 16 * (self.n_out + self.n_in)  # the two float16 scale vectors

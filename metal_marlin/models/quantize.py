@@ -145,10 +145,8 @@ class ExpertStatistics:
         self.accumulators = {p: [HessianAccumulator(f) for _ in range(num_experts)] for p, f in features.items()}
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
-        hidden = hidden.reshape(-1, hidden.shape[-1]).float()
-        for e, rows, w in routed_tokens(module, args, kwargs):
-            x = hidden[rows]
+        _, routed = routed_tokens(module, args, kwargs)
+        for e, _, x, w in routed:
             gate, up = (x @ self.experts.gate_up_proj[e].float().T).chunk(2, dim=-1)
             self.accumulators["gate_up_proj"][e].add(w * x)
             self.accumulators["down_proj"][e].add(w * self.experts.act_fn(gate) * up)

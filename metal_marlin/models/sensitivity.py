@@ -14,27 +14,32 @@ expert's own output (its routing weight times the gradient at the MoE output), a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ..nn.experts import PROJECTIONS
 
+RoutedTokens = list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
 
-def routed_tokens(experts: nn.Module, args: tuple, kwargs: dict) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Per expert a fused experts module's call routes tokens to: ``(e, rows, w)`` with the token rows
-    of the flattened hidden states and their routing weights ``[rows, 1]`` (float32)."""
+
+def routed_tokens(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[int, RoutedTokens]:
+    """The tokens a fused experts module's call routes to each expert: the number of tokens in the call
+    and, per expert that got any, ``(e, rows, x, w)``: its tokens' rows in the flattened call, their
+    hidden states ``[rows, hidden]`` and routing weights ``[rows, 1]`` (detached, float32)."""
     names = ("hidden_states", "top_k_index", "top_k_weights")
     hidden, index, weights = (*args, *(kwargs[n] for n in names[len(args):]))
-    index = index.reshape(-1, index.shape[-1])
-    weights = weights.reshape(index.shape).float()
-    num_experts = experts.gate_up_proj.shape[0]
+    hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+    index = index.reshape(hidden.shape[0], -1)
+    weights = weights.detach().reshape(index.shape).float()
+    routed = []
     for e in torch.unique(index).tolist():
-        if e >= num_experts:
+        if e >= experts.gate_up_proj.shape[0]:
             continue  # transformers' ignore index
         rows, slots = (index == e).nonzero(as_tuple=True)
-        yield e, rows, weights[rows, slots].unsqueeze(-1)
+        routed.append((e, rows, hidden[rows], weights[rows, slots].unsqueeze(-1)))
+    return hidden.shape[0], routed
 
 
 class _LinearSensitivity:
@@ -62,16 +67,13 @@ class _ExpertSensitivity:
         self.tokens = 0
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        routed = list(routed_tokens(module, args, kwargs))
-        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
-        hidden = hidden.reshape(-1, hidden.shape[-1]).float()
-        self.tokens += hidden.shape[0]
+        tokens, routed = routed_tokens(module, args, kwargs)
+        self.tokens += tokens
 
         def on_grad(grad: torch.Tensor) -> None:
             grad = grad.detach().reshape(-1, grad.shape[-1]).float()
             with torch.enable_grad():
-                for e, rows, w in routed:
-                    x = hidden[rows]
+                for e, rows, x, w in routed:
                     z = (x @ self.experts.gate_up_proj[e].detach().float().T).requires_grad_()
                     gate, up = z.chunk(2, dim=-1)
                     inner = self.experts.act_fn(gate) * up

@@ -22,6 +22,15 @@ namespace mm = metal_marlin;
 
 void register_trellis_bindings(nb::module_& m);  // csrc/cpu/trellis_bindings.cpp
 
+// ---- Metal (macOS builds: CMake defines METAL_MARLIN_METAL and compiles csrc/metal/) ----
+#ifdef METAL_MARLIN_METAL
+void register_metal_bindings(nb::module_& m);  // csrc/metal/metal_bindings.cpp: the _core.metal submodule
+constexpr bool kHasMetal = true;
+#else
+constexpr bool kHasMetal = false;
+#endif
+// ---- end Metal ----
+
 namespace {
 
 using namespace metal_marlin::bindings;
@@ -222,6 +231,16 @@ NB_MODULE(_core, m) {
   register_trellis_bindings(m);
 
   m.def("build_info", []() { return "cpu"; });
+
+  // ---- Metal (macOS builds) ----
+  m.def("has_metal", []() { return kHasMetal; },
+        "Whether this build has the Metal kernels and their dispatch (the _core.metal submodule and "
+        "metal_marlin.metallib): True for macOS builds (unless configured with METAL_MARLIN_METAL=OFF), False "
+        "elsewhere. A build capability; whether an MPS device exists is torch.backends.mps.is_available().");
+#ifdef METAL_MARLIN_METAL
+  register_metal_bindings(m);
+#endif
+  // ---- end Metal ----
 
   m.def("simd_level", &mm::cpu::simd_level,
         "The CPU kernel path in effect: 'avx512', 'avx2' or 'scalar'. The process starts on the best "

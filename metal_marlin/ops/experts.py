@@ -17,8 +17,10 @@ import re
 import torch
 
 from .. import _core
-from ..formats import GroupQuantizedWeight, get_format
+from ..formats import GROUP_FORMATS, GroupQuantizedWeight, get_format
+from . import metal
 from .group_matmul import ACTIVATION_DTYPES, check_quant_matmul_args
+from .metal import Launch, ParamsStruct, cdiv
 
 
 def _check_projection(projection: str, x_name: str, x: torch.Tensor, num_experts: int, packed: torch.Tensor,
@@ -154,3 +156,103 @@ def _moe_experts_cpu(hidden, top_k_index, top_k_weights, gate_up_packed, gate_up
 def _moe_experts_fake(hidden, *args):
     check_moe_experts_args(hidden, *args)
     return hidden.new_empty(hidden.shape)
+
+
+# ---- Metal (shaders/moe.metal; buffers, params and launch geometry: shaders/moe.h) ------------------------
+
+MOE_MAX_EXPERTS, MOE_ROUTE_THREADS, MOE_COMBINE_THREADS, MOE_THREADS = 1024, 256, 64, 128
+MOE_GEMV_ROWS, MOE_GEMV_GATE_UP_FEATURES, MOE_GEMV_DOWN_FEATURES = 8, 2, 4
+MOE_GEMM_BM, MOE_GEMM_BN = 32, 32
+MoeParams = ParamsStruct("MoeParams", (
+    ("uint", "tokens"), ("uint", "top_k"), ("uint", "experts"), ("uint", "hidden"), ("uint", "inter"),
+    ("uint", "group_size"), ("uint", "rows_per_item")))
+
+
+def moe_matmul_kernel(projection: str, format: str, asymmetric: bool, tokens: int) -> str:
+    """``projection``: "gate_up" or "down". The GEMV path while no expert can get more than
+    MOE_GEMV_ROWS rows (tokens <= MOE_GEMV_ROWS: decode), the tiled GEMM path above."""
+    kind = "gemv" if tokens <= MOE_GEMV_ROWS else "gemm"
+    return f"moe_{projection}_{kind}_{format}{'_asym' if asymmetric else ''}"
+
+
+METAL_KERNELS = ("moe_route", "moe_combine", *(
+    moe_matmul_kernel(projection, name, asymmetric, tokens)
+    for projection in ("gate_up", "down")
+    for name, fmt in GROUP_FORMATS.items()
+    for asymmetric in ((False, True) if fmt.supports_asymmetric else (False,))
+    for tokens in (1, MOE_GEMV_ROWS + 1)))
+
+
+def moe_experts_launches(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                         gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor,
+                         gate_up_offsets: torch.Tensor | None, down_packed: torch.Tensor, down_scales: torch.Tensor,
+                         down_offsets: torch.Tensor | None, out: torch.Tensor, format: str,
+                         group_size: int) -> list[Launch]:
+    """``out [T, H] = moe_experts(...)`` on the GPU in four dispatches (route, gate_up + SwiGLU, down,
+    combine). hidden, scales, offsets and out float16; top_k_index int32 and top_k_weights float32, both
+    [T, top_k]; all contiguous, T * top_k >= 1. The intermediates are allocated here."""
+    tokens, hidden_dim = hidden.shape
+    top_k = top_k_index.shape[1]
+    experts, two_inter = gate_up_packed.shape[:2]
+    inter = two_inter // 2
+    pairs = tokens * top_k
+    gemv = tokens <= MOE_GEMV_ROWS
+    rows_per_item = MOE_GEMV_ROWS if gemv else MOE_GEMM_BM
+    max_items = pairs // rows_per_item + min(experts, pairs)  # >= sum over experts of ceil(rows / R)
+    device = hidden.device
+
+    def empty(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    sorted_pairs, pair_position = empty(pairs), empty(pairs)
+    items, item_count = empty(max_items, 4), empty(1)  # uint4 work items, uint count
+    act, expert_out = empty(pairs, inter, dtype=torch.float32), empty(pairs, hidden_dim, dtype=torch.float32)
+    params = MoeParams.pack(tokens=tokens, top_k=top_k, experts=experts, hidden=hidden_dim, inter=inter,
+                            group_size=group_size, rows_per_item=rows_per_item)
+
+    def matmul(projection: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+               offsets: torch.Tensor | None, y: torch.Tensor, features: int, gemv_features: int) -> Launch:
+        per_threadgroup = gemv_features if gemv else MOE_GEMM_BN
+        return Launch(moe_matmul_kernel(projection, format, offsets is not None, tokens),
+                      (cdiv(features, per_threadgroup), max_items, 1), (MOE_THREADS, 1, 1),
+                      {0: x, 1: packed, 2: scales, 3: x if offsets is None else offsets, 4: sorted_pairs, 5: items,
+                       6: item_count, 7: y}, {8: params})
+
+    return [
+        Launch("moe_route", (1, 1, 1), (MOE_ROUTE_THREADS, 1, 1),
+               {0: top_k_index, 1: sorted_pairs, 2: pair_position, 3: items, 4: item_count}, {5: params}),
+        matmul("gate_up", hidden, gate_up_packed, gate_up_scales, gate_up_offsets, act, inter,
+               MOE_GEMV_GATE_UP_FEATURES),
+        matmul("down", act, down_packed, down_scales, down_offsets, expert_out, hidden_dim, MOE_GEMV_DOWN_FEATURES),
+        Launch("moe_combine", (cdiv(hidden_dim, 4 * MOE_COMBINE_THREADS), tokens, 1), (MOE_COMBINE_THREADS, 1, 1),
+               {0: expert_out, 1: pair_position, 2: top_k_weights, 3: out}, {4: params}),
+    ]
+
+
+def moe_experts_metal(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                      gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_offsets: torch.Tensor | None,
+                      down_packed: torch.Tensor, down_scales: torch.Tensor, down_offsets: torch.Tensor | None,
+                      format: str, group_size: int) -> torch.Tensor:
+    """The MPS kernel (registered on macOS builds; device-agnostic apart from ``metal.dispatch``). The
+    kernels take float16 activations: float32/bfloat16 hidden is converted, and the result back. Indices
+    outside [0, E] are not checked (that would be a host sync): the router makes them."""
+    args = (hidden, top_k_index, top_k_weights, gate_up_packed, gate_up_scales, gate_up_offsets, down_packed,
+            down_scales, down_offsets, format, group_size)
+    check_moe_experts_args(*args)
+    if gate_up_packed.shape[0] > MOE_MAX_EXPERTS:
+        return reference_moe_experts(*args)
+    if not top_k_index.numel():
+        return torch.zeros_like(hidden)
+    half = torch.float16
+    out = torch.empty(hidden.shape, dtype=half, device=hidden.device)  # moe_combine writes every element
+    f16 = lambda t: None if t is None else metal.metal_input(t, half)  # noqa: E731
+    metal.dispatch(moe_experts_launches(
+        metal.metal_input(hidden, half), metal.metal_input(top_k_index, torch.int32),
+        metal.metal_input(top_k_weights, torch.float32), metal.metal_input(gate_up_packed, torch.int32),
+        f16(gate_up_scales), f16(gate_up_offsets), metal.metal_input(down_packed, torch.int32),
+        f16(down_scales), f16(down_offsets), out, format, group_size))
+    return out.to(hidden.dtype)
+
+
+if _core.has_metal():
+    moe_experts.register_kernel("mps")(moe_experts_metal)

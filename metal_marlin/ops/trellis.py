@@ -12,6 +12,8 @@ import torch
 from .. import _core
 from ..formats.hadamard import hadamard_transform
 from ..formats.trellis import CODEBOOKS, TILE, check_bits, decode_tiles, untile
+from . import metal
+from .metal import Launch, ParamsStruct, cdiv
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -120,3 +122,99 @@ def _trellis_matmul_cpu(x, trellis, su, sv, bias, bits, codebook, had_in, had_ou
 def _trellis_matmul_fake(x, trellis, su, sv, bias, bits, codebook, had_in, had_out):
     check_trellis_args(x, trellis, su, sv, bias, bits, codebook, had_in, had_out)
     return x.new_empty((*x.shape[:-1], trellis.shape[0] * TILE))
+
+
+# ---- Metal (shaders/hadamard.metal, shaders/trellis.metal; params: their structs) -----------------------
+
+HADAMARD_THREADS, HADAMARD_CHUNK = 128, 512  # kHadamardThreads, kHadamardChunk: 4 elements per thread
+HADAMARD_BLOCKS = tuple(2**i for i in range(10))  # the instantiated blocks, 1 .. 512
+TRELLIS_THREADS, TRELLIS_GEMV_MAX_M, TRELLIS_GEMM_BM, TRELLIS_GEMM_BN = 128, 8, 64, 64
+HadamardParams = ParamsStruct("HadamardParams", (("uint", "rows"), ("uint", "n"), ("uint", "has_bias")))
+TrellisMatmulParams = ParamsStruct("TrellisMatmulParams", (("uint", "m"), ("uint", "n"), ("uint", "k")))
+
+
+def hadamard_kernel(kind: str, block: int) -> str:
+    """``kind``: "half" / "float" (the op), "in" (x * su -> float32 xs) or "out" (z -> half y * sv + bias)."""
+    return f"hadamard_{kind}_{block}"
+
+
+def trellis_matmul_kernel(codebook: str, bits: int, m: int) -> str:
+    return f"trellis_{'gemv' if m <= TRELLIS_GEMV_MAX_M else 'gemm'}_{codebook}_{bits}"
+
+
+METAL_KERNELS = (
+    *(hadamard_kernel(kind, block) for kind in ("half", "float", "in", "out") for block in HADAMARD_BLOCKS),
+    *(trellis_matmul_kernel(codebook, bits, m) for codebook in CODEBOOKS for bits in range(1, 9)
+      for m in (1, TRELLIS_GEMV_MAX_M + 1)),
+)
+
+
+def _hadamard_launch(kind: str, block: int, rows: int, n: int, buffers: dict[int, torch.Tensor],
+                     has_bias: bool = False) -> Launch:
+    params = HadamardParams.pack(rows=rows, n=n, has_bias=int(has_bias))
+    return Launch(hadamard_kernel(kind, block), (cdiv(rows * n, HADAMARD_CHUNK), 1, 1), (HADAMARD_THREADS, 1, 1),
+                  buffers, {len(buffers): params})
+
+
+def hadamard_launches(x: torch.Tensor, out: torch.Tensor, block: int) -> list[Launch]:
+    """``out = hadamard(x, block)`` on the GPU: x and out contiguous, both float16 or both float32."""
+    kind = "half" if x.dtype == torch.float16 else "float"
+    n = x.shape[-1]
+    return [_hadamard_launch(kind, block, x.numel() // n, n, {0: x, 1: out})]
+
+
+def trellis_matmul_launches(x: torch.Tensor, trellis: torch.Tensor, su: torch.Tensor, sv: torch.Tensor,
+                            bias: torch.Tensor | None, out: torch.Tensor, bits: int, codebook: str, had_in: int,
+                            had_out: int) -> list[Launch]:
+    """``out [M, N] = trellis_matmul(x [M, K], ...)`` on the GPU in three dispatches, like the CPU kernel:
+    hadamard_in (x * su, float32 xs), the trellis GEMV/GEMM (float32 z), hadamard_out (* sv + bias, half).
+    x, su, sv, bias and out float16, contiguous; the float32 intermediates are allocated here."""
+    m, k = x.shape
+    n = out.shape[1]
+    xs = torch.empty((m, k), dtype=torch.float32, device=x.device)
+    z = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    gemv = m <= TRELLIS_GEMV_MAX_M
+    grid = (n // TILE, 1, 1) if gemv else (cdiv(n, TRELLIS_GEMM_BN), cdiv(m, TRELLIS_GEMM_BM), 1)
+    matmul = Launch(trellis_matmul_kernel(codebook, bits, m), grid, (TRELLIS_THREADS, 1, 1),
+                    {0: xs, 1: trellis, 2: z}, {3: TrellisMatmulParams.pack(m=m, n=n, k=k)})
+    return [_hadamard_launch("in", had_in, m, k, {0: x, 1: su, 2: xs}),
+            matmul,
+            _hadamard_launch("out", had_out, m, n, {0: z, 1: sv, 2: sv if bias is None else bias, 3: out},
+                             has_bias=bias is not None)]
+
+
+def hadamard_metal(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The MPS kernel (registered on macOS builds; device-agnostic apart from ``metal.dispatch``). float16
+    runs with half I/O, float32 and bfloat16 with float32 I/O; the transform is float32 inside."""
+    check_hadamard_args(x, block)
+    if block not in HADAMARD_BLOCKS:
+        return hadamard_transform(x.float(), block).to(x.dtype)
+    x2 = metal.metal_input(x, torch.float16 if x.dtype == torch.float16 else torch.float32)
+    out = torch.empty_like(x2)
+    if out.numel():
+        metal.dispatch(hadamard_launches(x2, out, block))
+    return out.to(x.dtype)
+
+
+def trellis_matmul_metal(x: torch.Tensor, trellis: torch.Tensor, su: torch.Tensor, sv: torch.Tensor,
+                         bias: torch.Tensor | None, bits: int, codebook: str, had_in: int,
+                         had_out: int) -> torch.Tensor:
+    """The MPS kernel (registered on macOS builds; device-agnostic apart from ``metal.dispatch``). The
+    kernels take float16 activations: float32/bfloat16 x is converted, and the result back."""
+    check_trellis_args(x, trellis, su, sv, bias, bits, codebook, had_in, had_out)
+    if had_in not in HADAMARD_BLOCKS or had_out not in HADAMARD_BLOCKS:
+        return reference_trellis_matmul(x, trellis, su, sv, bias, bits, codebook, had_in, had_out)
+    lead, k, n = x.shape[:-1], x.shape[-1], trellis.shape[0] * TILE
+    half = torch.float16
+    x2 = metal.metal_input(x.reshape(-1, k), half)
+    out = torch.empty((x2.shape[0], n), dtype=half, device=x.device)
+    if out.numel():
+        metal.dispatch(trellis_matmul_launches(
+            x2, metal.metal_input(trellis, torch.int32), metal.metal_input(su, half), metal.metal_input(sv, half),
+            None if bias is None else metal.metal_input(bias, half), out, bits, codebook, had_in, had_out))
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+if _core.has_metal():
+    hadamard.register_kernel("mps")(hadamard_metal)
+    trellis_matmul.register_kernel("mps")(trellis_matmul_metal)

@@ -168,9 +168,10 @@ void hadamard(const Tensor& x, int64_t block, const Tensor& out, int n_threads) 
 
 void register_trellis_bindings(nb::module_& m) {
   m.def("trellis_simd_level", &tc::simd_name,
-        "The trellis kernels' path on this machine: 'avx512' (AVX-512 with FP16, VBMI2, VNNI), 'avx2' "
-        "(Hadamard only; the other trellis kernels use scalar code) or 'scalar'. set_simd_level('scalar') or "
-        "('avx2') caps it.");
+        "The trellis kernels' path on this machine: 'avx512' (AVX-512 BW with FP16, VBMI, VBMI2), 'avx2' "
+        "(AVX2, FMA, F16C) or 'scalar'. set_simd_level('scalar') or ('avx2') caps it. Every path returns "
+        "the same Viterbi bit streams; the matmul paths decode the same weights and differ only in the "
+        "float32 summation order.");
 
   m.def("trellis_codebook", &trellis_codebook, "codebook"_a, "out"_a.noconvert(),
         "Writes the value of every 16-bit state (float32 [65536]) of codebook '3inst', 'mcg', '1mad' or "

@@ -7,9 +7,9 @@
 #include "common/trellis.h"
 
 #if METAL_MARLIN_X86
-// Sapphire Rapids class: AVX-512 with FP16 arithmetic, VBMI2 (funnel shifts) and VNNI (byte sums).
+// Sapphire Rapids class: AVX-512 with FP16 arithmetic, VBMI (byte permutes) and VBMI2 (funnel shifts).
 #define METAL_MARLIN_AVX512_TRELLIS \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512fp16,avx512vnni,avx2,fma,f16c")))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512fp16,avx2,fma,f16c")))
 #endif
 
 namespace metal_marlin::cpu::trellis_cpu {
@@ -42,6 +42,23 @@ struct MatmulArgs {
   int n_threads;
 };
 void matmul(const MatmulArgs& args);
+
+// The matmul paths (M <= kGemvMaxRows: GEMV, one pass over the tiles per row block; above: GEMM).
+constexpr int64_t kGemvMaxRows = 8;
+void matmul_scalar(const MatmulArgs& args);
+#if METAL_MARLIN_X86
+void matmul_avx2(const MatmulArgs& args);
+void matmul_avx512(const MatmulArgs& args);
+#endif
+
+// Where the SIMD decoders find the state of step t: its 16-bit window starts at stream bit
+// window_start(bits, t) (in [0, 256*bits)) ...
+inline int window_start(int bits, int t) {
+  const int start = (t + 1) * bits - trellis::kStateBits;
+  return start < 0 ? start + trellis::kTileSteps * bits : start;
+}
+// ... and stream byte y (MSB first) is byte memory_byte(y) of the tile's little-endian words.
+inline int memory_byte(int y) { return (y & ~3) | (3 - (y & 3)); }
 
 // out[r, :] = blockwise H_block / sqrt(block) of x[r, :]; x [m, n]; out may alias x.
 void hadamard(const float* x, float* out, int64_t m, int64_t n, int64_t block, int n_threads);

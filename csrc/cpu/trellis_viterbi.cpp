@@ -25,41 +25,44 @@
 #include "cpu/thread_pool.h"
 #include "cpu/trellis_kernels.h"
 
-#if METAL_MARLIN_X86
-#include <immintrin.h>
-#endif
-
 namespace metal_marlin::cpu::trellis_cpu {
 namespace {
 
 using metal_marlin::trellis::kTileSteps;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// The AVX-512 path for K >= 3 keeps every best_t (257 x G floats: 4 MiB at K = 4) instead of
-// back-pointers and recomputes the argmin of the 2^K candidates of the one group per step it needs
-// during the back-trace: the forward inner loop is then sub + fma + min (3 vector ops per 16
+// The SIMD paths for K >= 3 keep every best_t (257 x G floats: 4 MiB at K = 4) instead of
+// back-pointers and recompute the argmin of the 2^K candidates of the one group per step they need
+// during the back-trace: the forward inner loop is then sub + fma + min (3 vector ops per vector of
 // candidates instead of 5). For K <= 2 that history would be 16-32 MiB per thread, so those keep
 // back-pointers.
-bool use_history(int bits) {
-#if METAL_MARLIN_X86
-  return bits >= 3 && simd() == Simd::kAvx512;
-#else
-  (void)bits;
-  return false;
-#endif
-}
+//
+// Every path computes each candidate as fma(d, d, best) with d = f - x (one rounding, as the vector
+// FMA) and keeps the first minimum in j order, so all paths return the same bit streams.
+
+// Back-pointer mode: best_0 in `prev`; returns the buffer holding best_256; bp [256, G] gets the argmin j.
+using ForwardFn = float* (*)(const float* x, int bits, const float* table, float* prev, float* next, uint8_t* bp);
+// History mode: best_t is written to hist + t * stride for t = 1..256 (best_0 set by the caller);
+// returns best_256.
+using HistoryFn = float* (*)(const float* x, int bits, const float* table, float* hist, int64_t stride);
+
+// The forward pass of one path for one K: history mode if `history` is set.
+struct Forward {
+  ForwardFn back_pointers = nullptr;
+  HistoryFn history = nullptr;
+};
 
 struct Scratch {
   std::vector<uint8_t> bp;    // [256, G]
   std::vector<float> a, b;    // best_t ping-pong, G + 16 (padding for the K < 4 vector loads)
   std::vector<float> history;  // [257, G + 16] best_t for t = 0..256 (history mode)
   int64_t stride = 0;
-  void resize(int bits) {
+  void resize(int bits, bool history_mode) {
     const size_t g = size_t(1) << (16 - bits);
     stride = int64_t(g) + 16;
     a.assign(g + 16, 0.0f);
     b.assign(g + 16, 0.0f);
-    if (use_history(bits)) {
+    if (history_mode) {
       history.assign(size_t(kTileSteps + 1) * size_t(stride), 0.0f);
     } else {
       bp.resize(size_t(kTileSteps) * g);
@@ -67,7 +70,6 @@ struct Scratch {
   }
 };
 
-// Forward pass (portable). best_0 in `prev`; returns the buffer holding best_256.
 float* forward_scalar(const float* x, int bits, const float* table, float* prev, float* next, uint8_t* bp) {
   const int64_t g_count = int64_t(1) << (16 - bits);
   const int j_count = 1 << bits;
@@ -80,7 +82,7 @@ float* forward_scalar(const float* x, int bits, const float* table, float* prev,
       const float* b = prev + j * stride;
       for (int64_t g = 0; g < g_count; ++g) {
         const float d = f[g] - xt;
-        const float c = d * d + b[g >> bits];
+        const float c = std::fma(d, d, b[g >> bits]);
         if (j == 0 || c < next[g]) {
           next[g] = c;
           bpt[g] = uint8_t(j);
@@ -93,7 +95,22 @@ float* forward_scalar(const float* x, int bits, const float* table, float* prev,
 }
 
 #if METAL_MARLIN_X86
-// Four independent 16-group vectors per iteration hide the compare -> masked-move latency chain.
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (16 groups per vector). Four independent vectors per iteration hide the compare ->
+// masked-move (back-pointer mode) or the min (history mode) latency chain.
+
+// best_t of the predecessors of groups g..g+15: entry (g >> K) + lane >> K.
+template <int K>
+METAL_MARLIN_AVX512_TRELLIS inline __m512 predecessors_avx512(const float* best) {
+  if constexpr (K >= 4) {
+    return _mm512_set1_ps(*best);
+  } else {
+    const __m512i lane_group =
+        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), K);
+    return _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(best));
+  }
+}
+
 template <int K>
 METAL_MARLIN_AVX512_TRELLIS float* forward_avx512(const float* x, const float* table, float* prev, float* next,
                                                   uint8_t* bp) {
@@ -102,8 +119,6 @@ METAL_MARLIN_AVX512_TRELLIS float* forward_avx512(const float* x, const float* t
   constexpr int S = 1 << (16 - 2 * K);
   constexpr int U = 4;
   static_assert(G % (16 * U) == 0, "group count must be a multiple of the unroll");
-  const __m512i lane_group = _mm512_srli_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), K < 4 ? K : 0);
   for (int t = 0; t < kTileSteps; ++t) {
     const __m512 xt = _mm512_set1_ps(x[t]);
     uint8_t* bpt = bp + t * G;
@@ -119,14 +134,7 @@ METAL_MARLIN_AVX512_TRELLIS float* forward_avx512(const float* x, const float* t
         for (int u = 0; u < U; ++u) {
           const int g = g0 + 16 * u;
           const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(table + j * G + g), xt);
-          const float* bsrc = prev + j * S + (g >> K);
-          __m512 b;
-          if constexpr (K >= 4) {
-            b = _mm512_set1_ps(*bsrc);
-          } else {
-            b = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(bsrc));
-          }
-          const __m512 c = _mm512_fmadd_ps(d, d, b);
+          const __m512 c = _mm512_fmadd_ps(d, d, predecessors_avx512<K>(prev + j * S + (g >> K)));
           const __mmask16 lt = _mm512_cmp_ps_mask(c, m[u], _CMP_LT_OQ);
           m[u] = _mm512_mask_mov_ps(m[u], lt, c);
           arg[u] = _mm512_mask_mov_epi32(arg[u], lt, jv);
@@ -142,7 +150,6 @@ METAL_MARLIN_AVX512_TRELLIS float* forward_avx512(const float* x, const float* t
   return prev;
 }
 
-// History mode: best_t lives at hist + t * stride; returns best_256.
 template <int K>
 METAL_MARLIN_AVX512_TRELLIS float* forward_history_avx512(const float* x, const float* table, float* hist,
                                                           int64_t stride) {
@@ -151,8 +158,6 @@ METAL_MARLIN_AVX512_TRELLIS float* forward_history_avx512(const float* x, const 
   constexpr int S = 1 << (16 - 2 * K);
   constexpr int U = 4;
   static_assert(G % (16 * U) == 0, "group count must be a multiple of the unroll");
-  const __m512i lane_group = _mm512_srli_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), K < 4 ? K : 0);
   for (int t = 0; t < kTileSteps; ++t) {
     const __m512 xt = _mm512_set1_ps(x[t]);
     const float* prev = hist + t * stride;
@@ -164,14 +169,7 @@ METAL_MARLIN_AVX512_TRELLIS float* forward_history_avx512(const float* x, const 
         for (int u = 0; u < U; ++u) {
           const int g = g0 + 16 * u;
           const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(table + j * G + g), xt);
-          const float* bsrc = prev + j * S + (g >> K);
-          __m512 b;
-          if constexpr (K >= 4) {
-            b = _mm512_set1_ps(*bsrc);
-          } else {
-            b = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(bsrc));
-          }
-          m[u] = _mm512_min_ps(m[u], _mm512_fmadd_ps(d, d, b));
+          m[u] = _mm512_min_ps(m[u], _mm512_fmadd_ps(d, d, predecessors_avx512<K>(prev + j * S + (g >> K))));
         }
       }
       for (int u = 0; u < U; ++u) _mm512_storeu_ps(next + g0 + 16 * u, m[u]);
@@ -180,10 +178,94 @@ METAL_MARLIN_AVX512_TRELLIS float* forward_history_avx512(const float* x, const 
   return hist + kTileSteps * stride;
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX2 (8 groups per vector), the same loops.
+
+template <int K>
+METAL_MARLIN_AVX2 inline __m256 predecessors_avx2(const float* best) {
+  if constexpr (K >= 3) {
+    return _mm256_broadcast_ss(best);
+  } else {
+    const __m256i lane_group = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), K);
+    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(best), lane_group);
+  }
+}
+
+// bytes[0..31] = the low bytes of the 32 lanes of arg[0..3] (values < 256).
+METAL_MARLIN_AVX2 inline void store_low_bytes(const __m256i (&arg)[4], uint8_t* bytes) {
+  const __m256i words = _mm256_packus_epi16(_mm256_packs_epi32(arg[0], arg[1]), _mm256_packs_epi32(arg[2], arg[3]));
+  // The packs work per 128-bit half: dword i of `words` holds lanes 4 (i / 4) .. 4 (i / 4) + 3 of arg[i % 4].
+  const __m256i ordered = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes), ordered);
+}
+
+template <int K>
+METAL_MARLIN_AVX2 float* forward_avx2(const float* x, const float* table, float* prev, float* next, uint8_t* bp) {
+  constexpr int G = 1 << (16 - K);
+  constexpr int J = 1 << K;
+  constexpr int S = 1 << (16 - 2 * K);
+  constexpr int U = 4;
+  static_assert(G % (8 * U) == 0, "group count must be a multiple of the unroll");
+  for (int t = 0; t < kTileSteps; ++t) {
+    const __m256 xt = _mm256_set1_ps(x[t]);
+    uint8_t* bpt = bp + t * G;
+    for (int g0 = 0; g0 < G; g0 += 8 * U) {
+      __m256 m[U];
+      __m256i arg[U];
+      for (int u = 0; u < U; ++u) {
+        m[u] = _mm256_set1_ps(kInf);
+        arg[u] = _mm256_setzero_si256();
+      }
+      for (int j = 0; j < J; ++j) {
+        const __m256 jv = _mm256_castsi256_ps(_mm256_set1_epi32(j));
+        for (int u = 0; u < U; ++u) {
+          const int g = g0 + 8 * u;
+          const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(table + j * G + g), xt);
+          const __m256 c = _mm256_fmadd_ps(d, d, predecessors_avx2<K>(prev + j * S + (g >> K)));
+          const __m256 lt = _mm256_cmp_ps(c, m[u], _CMP_LT_OQ);
+          m[u] = _mm256_blendv_ps(m[u], c, lt);
+          arg[u] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(arg[u]), jv, lt));
+        }
+      }
+      for (int u = 0; u < U; ++u) _mm256_storeu_ps(next + g0 + 8 * u, m[u]);
+      store_low_bytes(arg, bpt + g0);
+    }
+    std::swap(prev, next);
+  }
+  return prev;
+}
+
+template <int K>
+METAL_MARLIN_AVX2 float* forward_history_avx2(const float* x, const float* table, float* hist, int64_t stride) {
+  constexpr int G = 1 << (16 - K);
+  constexpr int J = 1 << K;
+  constexpr int S = 1 << (16 - 2 * K);
+  constexpr int U = 4;
+  static_assert(G % (8 * U) == 0, "group count must be a multiple of the unroll");
+  for (int t = 0; t < kTileSteps; ++t) {
+    const __m256 xt = _mm256_set1_ps(x[t]);
+    const float* prev = hist + t * stride;
+    float* next = hist + (t + 1) * stride;
+    for (int g0 = 0; g0 < G; g0 += 8 * U) {
+      __m256 m[U];
+      for (int u = 0; u < U; ++u) m[u] = _mm256_set1_ps(kInf);
+      for (int j = 0; j < J; ++j) {
+        for (int u = 0; u < U; ++u) {
+          const int g = g0 + 8 * u;
+          const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(table + j * G + g), xt);
+          m[u] = _mm256_min_ps(m[u], _mm256_fmadd_ps(d, d, predecessors_avx2<K>(prev + j * S + (g >> K))));
+        }
+      }
+      for (int u = 0; u < U; ++u) _mm256_storeu_ps(next + g0 + 8 * u, m[u]);
+    }
+  }
+  return hist + kTileSteps * stride;
+}
+
 // Back-trace from group g at the end: recompute the candidates of the path's group at each step
 // with the forward pass's exact arithmetic (sub, fma) and take the first minimum.
-METAL_MARLIN_AVX512_TRELLIS void trace_history(const float* x, int bits, const float* table, const float* hist,
-                                               int64_t stride, uint32_t g, uint32_t* states) {
+METAL_MARLIN_AVX2 void trace_history(const float* x, int bits, const float* table, const float* hist,
+                                     int64_t stride, uint32_t g, uint32_t* states) {
   const uint32_t g_count = 1u << (16 - bits);
   for (int t = kTileSteps - 1; t >= 0; --t) {
     const float* prev = hist + t * stride;
@@ -204,34 +286,51 @@ METAL_MARLIN_AVX512_TRELLIS void trace_history(const float* x, int bits, const f
   }
 }
 
-METAL_MARLIN_AVX512_TRELLIS float* forward_history_dispatch(const float* x, int bits, const float* table, float* hist,
-                                                            int64_t stride) {
+// Instantiations per K: back-pointer mode for K <= 2, history mode above.
+template <template <int> class Pass>
+Forward forward_for(int bits) {
   switch (bits) {
-    case 3: return forward_history_avx512<3>(x, table, hist, stride);
-    case 4: return forward_history_avx512<4>(x, table, hist, stride);
-    case 5: return forward_history_avx512<5>(x, table, hist, stride);
-    case 6: return forward_history_avx512<6>(x, table, hist, stride);
-    case 7: return forward_history_avx512<7>(x, table, hist, stride);
-    default: return forward_history_avx512<8>(x, table, hist, stride);
+    case 1: return {Pass<1>::back_pointers, nullptr};
+    case 2: return {Pass<2>::back_pointers, nullptr};
+    case 3: return {nullptr, Pass<3>::history};
+    case 4: return {nullptr, Pass<4>::history};
+    case 5: return {nullptr, Pass<5>::history};
+    case 6: return {nullptr, Pass<6>::history};
+    case 7: return {nullptr, Pass<7>::history};
+    default: return {nullptr, Pass<8>::history};
   }
 }
 
-METAL_MARLIN_AVX512_TRELLIS float* forward_avx512_dispatch(const float* x, int bits, const float* table, float* prev,
-                                                           float* next, uint8_t* bp) {
-  switch (bits) {
-    case 1: return forward_avx512<1>(x, table, prev, next, bp);
-    case 2: return forward_avx512<2>(x, table, prev, next, bp);
-    case 3: return forward_avx512<3>(x, table, prev, next, bp);
-    case 4: return forward_avx512<4>(x, table, prev, next, bp);
-    case 5: return forward_avx512<5>(x, table, prev, next, bp);
-    case 6: return forward_avx512<6>(x, table, prev, next, bp);
-    case 7: return forward_avx512<7>(x, table, prev, next, bp);
-    default: return forward_avx512<8>(x, table, prev, next, bp);
+template <int K>
+struct Avx512Pass {
+  static float* back_pointers(const float* x, int, const float* table, float* prev, float* next, uint8_t* bp) {
+    return forward_avx512<K>(x, table, prev, next, bp);
   }
-}
+  static float* history(const float* x, int, const float* table, float* hist, int64_t stride) {
+    return forward_history_avx512<K>(x, table, hist, stride);
+  }
+};
+
+template <int K>
+struct Avx2Pass {
+  static float* back_pointers(const float* x, int, const float* table, float* prev, float* next, uint8_t* bp) {
+    return forward_avx2<K>(x, table, prev, next, bp);
+  }
+  static float* history(const float* x, int, const float* table, float* hist, int64_t stride) {
+    return forward_history_avx2<K>(x, table, hist, stride);
+  }
+};
 #endif
 
-using ForwardFn = float* (*)(const float*, int, const float*, float*, float*, uint8_t*);
+Forward pick_forward(int bits) {
+  switch (simd()) {
+#if METAL_MARLIN_X86
+    case Simd::kAvx512: return forward_for<Avx512Pass>(bits);
+    case Simd::kAvx2: return forward_for<Avx2Pass>(bits);
+#endif
+    default: return {forward_scalar, nullptr};
+  }
+}
 
 // Back-trace from group g at the end: the state of step t is bp_t[g] * G + g, and the group of its
 // predecessor is that state >> K.
@@ -246,24 +345,24 @@ void trace_back(const uint8_t* bp, int bits, uint32_t g, uint32_t* states) {
 
 // One pass: forward from best_0 (set by `init`), back-trace from the end group chosen by `pick_end`.
 template <class Init, class PickEnd>
-void run_pass(const float* x, int bits, const float* table, Scratch& scratch, ForwardFn forward, Init init,
+void run_pass(const float* x, int bits, const float* table, Scratch& scratch, const Forward& forward, Init init,
               PickEnd pick_end, uint32_t* states) {
 #if METAL_MARLIN_X86
-  if (use_history(bits)) {
+  if (forward.history) {
     float* hist = scratch.history.data();
     init(hist);
-    const float* best = forward_history_dispatch(x, bits, table, hist, scratch.stride);
+    const float* best = forward.history(x, bits, table, hist, scratch.stride);
     trace_history(x, bits, table, hist, scratch.stride, pick_end(best), states);
     return;
   }
 #endif
   init(scratch.a.data());
-  const float* best = forward(x, bits, table, scratch.a.data(), scratch.b.data(), scratch.bp.data());
+  const float* best = forward.back_pointers(x, bits, table, scratch.a.data(), scratch.b.data(), scratch.bp.data());
   trace_back(scratch.bp.data(), bits, pick_end(best), states);
 }
 
 void quantize_tile(const float* target, int bits, const float* table, uint32_t* words, float* values,
-                   Scratch& scratch, ForwardFn forward) {
+                   Scratch& scratch, const Forward& forward) {
   const int64_t g_count = int64_t(1) << (16 - bits);
   uint32_t states[kTileSteps];
 
@@ -297,16 +396,6 @@ void quantize_tile(const float* target, int bits, const float* table, uint32_t* 
   }
 }
 
-float* forward_scalar_fn(const float* x, int bits, const float* table, float* prev, float* next, uint8_t* bp) {
-  return forward_scalar(x, bits, table, prev, next, bp);
-}
-
-#if METAL_MARLIN_X86
-float* forward_avx512_fn(const float* x, int bits, const float* table, float* prev, float* next, uint8_t* bp) {
-  return forward_avx512_dispatch(x, bits, table, prev, next, bp);
-}
-#endif
-
 }  // namespace
 
 const float* codebook_table(Codebook cb) {
@@ -324,13 +413,10 @@ void quantize(const float* targets, int64_t n_tiles, int bits, Codebook cb, uint
               int n_threads) {
   if (n_tiles == 0) return;
   const float* table = codebook_table(cb);
-  ForwardFn forward = forward_scalar_fn;
-#if METAL_MARLIN_X86
-  if (simd() == Simd::kAvx512) forward = forward_avx512_fn;
-#endif
+  const Forward forward = pick_forward(bits);
   const int threads = plan_threads(n_threads, n_tiles);
   std::vector<Scratch> scratch(static_cast<size_t>(threads));
-  for (auto& s : scratch) s.resize(bits);
+  for (auto& s : scratch) s.resize(bits, forward.history != nullptr);
   const int words = trellis::words_per_tile(bits);
   parallel_for(threads, n_tiles, [&](int64_t tile, int thread) {
     quantize_tile(targets + tile * kTileSteps, bits, table, packed + tile * words, values + tile * kTileSteps,

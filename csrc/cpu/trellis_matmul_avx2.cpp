@@ -16,10 +16,9 @@
 #if METAL_MARLIN_X86
 
 #include <algorithm>
-#include <array>
 #include <stdexcept>
 
-#include "cpu/thread_pool.h"
+#include "cpu/trellis_matmul_driver.h"
 
 namespace metal_marlin::cpu::trellis_cpu {
 namespace {
@@ -58,15 +57,6 @@ void build_plan(int bits, RowPlan& plan) {
       plan.shift[u][c] = uint32_t(shift);
     }
   }
-}
-
-const RowPlan& row_plan(int bits) {
-  static const auto plans = [] {
-    std::array<RowPlan, trellis::kMaxBits> all{};
-    for (int b = trellis::kMinBits; b <= trellis::kMaxBits; ++b) build_plan(b, all[size_t(b - 1)]);
-    return all;
-  }();
-  return plans[size_t(bits - 1)];
 }
 
 // The ring window [last word, words 0, 1, 2] of a tile, in both halves.
@@ -165,9 +155,6 @@ METAL_MARLIN_AVX2 void gemv_tile_row(const MatmulArgs& a, const RowPlan& plan, i
   }
 }
 
-constexpr int kPanelDepth = 256;  // K columns per panel: [256][16] floats = 16 KiB
-constexpr int kMicroRows = 6;
-
 // dst[c * dst_stride + r] = src[r * src_stride + c] for r, c < 8.
 METAL_MARLIN_AVX2 inline void transpose8(const float* src, int src_stride, float* dst, int dst_stride) {
   __m256 r[8];
@@ -212,74 +199,32 @@ METAL_MARLIN_AVX2 inline void micro_kernel(const float* x, int64_t ldx, const fl
   }
 }
 
-// Tile row i of the GEMM: out[:, 16i : 16i+16], per K slice of 256 through a [256][16] panel.
+// One tile into dst[16 c + r] = Q[r, c]: decoded by row units, then transposed in 8x8 blocks.
 template <Codebook CB>
-METAL_MARLIN_AVX2 void gemm_tile_row(const MatmulArgs& a, const RowPlan& plan, int64_t i) {
-  const int64_t kt = a.k / 16;
-  const int words = words_per_tile(a.bits);
+METAL_MARLIN_AVX2 void decode_tile_transposed(const uint32_t* tile, int words, const RowPlan& plan, float* dst) {
   alignas(32) float rows[16 * 16];
-  alignas(32) float panel[kPanelDepth * 16];
-  float* out = a.out + 16 * i;
-  for (int64_t k0 = 0; k0 < a.k; k0 += kPanelDepth) {
-    const int depth = int(std::min<int64_t>(kPanelDepth, a.k - k0));
-    for (int jj = 0; jj < depth / 16; ++jj) {
-      const uint32_t* tile = a.packed + (i * kt + k0 / 16 + jj) * words;
-      const __m256i ring = ring_window(tile, words);
-      for (int u = 0; u < kUnits; ++u) _mm256_store_ps(rows + 8 * u, unit_values<CB>(unit_states(tile, ring, plan, u)));
-      float* dst = panel + 16 * 16 * jj;  // dst[16 c + r] = rows[16 r + c]
-      for (int rb = 0; rb < 2; ++rb) {
-        for (int cb = 0; cb < 2; ++cb) transpose8(rows + 8 * (16 * rb + cb), 16, dst + 8 * (16 * cb + rb), 16);
-      }
-    }
-    const bool first = k0 == 0;
-    int64_t m0 = 0;
-    for (; m0 + kMicroRows <= a.m; m0 += kMicroRows) {
-      micro_kernel<kMicroRows>(a.x + m0 * a.k + k0, a.k, panel, depth, out + m0 * a.n, a.n, first);
-    }
-    const float* xr = a.x + m0 * a.k + k0;
-    float* orow = out + m0 * a.n;
-    switch (a.m - m0) {
-      case 5: micro_kernel<5>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 4: micro_kernel<4>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 3: micro_kernel<3>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 2: micro_kernel<2>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 1: micro_kernel<1>(xr, a.k, panel, depth, orow, a.n, first); break;
-      default: break;
-    }
+  const __m256i ring = ring_window(tile, words);
+  for (int u = 0; u < kUnits; ++u) _mm256_store_ps(rows + 8 * u, unit_values<CB>(unit_states(tile, ring, plan, u)));
+  for (int rb = 0; rb < 2; ++rb) {
+    for (int cb = 0; cb < 2; ++cb) transpose8(rows + 8 * (16 * rb + cb), 16, dst + 8 * (16 * cb + rb), 16);
   }
 }
-
-using TileRowFn = void (*)(const MatmulArgs&, const RowPlan&, int64_t);
 
 template <Codebook CB>
-TileRowFn pick_tile_row(int64_t m) {
-  static_assert(kGemvMaxRows == 8, "the GEMV cases cover M = 1..8");
-  switch (m) {
-    case 1: return gemv_tile_row<CB, 1>;
-    case 2: return gemv_tile_row<CB, 2>;
-    case 3: return gemv_tile_row<CB, 3>;
-    case 4: return gemv_tile_row<CB, 4>;
-    case 5: return gemv_tile_row<CB, 5>;
-    case 6: return gemv_tile_row<CB, 6>;
-    case 7: return gemv_tile_row<CB, 7>;
-    case 8: return gemv_tile_row<CB, 8>;
-    default: return gemm_tile_row<CB>;
-  }
-}
+struct Avx2Kernels {
+  using Plan = RowPlan;
+  static constexpr int kMicroRows = 6;
+  template <int M>
+  static constexpr matmul_driver::TileRowFn<RowPlan> gemv = gemv_tile_row<CB, M>;
+  static constexpr matmul_driver::DecodeFn<RowPlan> decode_tile = decode_tile_transposed<CB>;
+  template <int MR>
+  static constexpr matmul_driver::MicroKernelFn multiply = micro_kernel<MR>;
+};
 
 }  // namespace
 
 void matmul_avx2(const MatmulArgs& a) {
-  TileRowFn tile_row = nullptr;
-  switch (a.cb) {
-    case Codebook::k3inst: tile_row = pick_tile_row<Codebook::k3inst>(a.m); break;
-    case Codebook::kMcg: tile_row = pick_tile_row<Codebook::kMcg>(a.m); break;
-    case Codebook::k1mad: tile_row = pick_tile_row<Codebook::k1mad>(a.m); break;
-    case Codebook::kMul1: tile_row = pick_tile_row<Codebook::kMul1>(a.m); break;
-  }
-  const RowPlan& plan = row_plan(a.bits);
-  const int threads = plan_threads(a.n_threads, a.n / 16);
-  parallel_for(threads, a.n / 16, [&](int64_t i, int) { tile_row(a, plan, i); });
+  matmul_driver::run<Avx2Kernels>(a, matmul_driver::plan_for_bits<RowPlan, build_plan>(a.bits));
 }
 
 }  // namespace metal_marlin::cpu::trellis_cpu

@@ -18,9 +18,8 @@
 #if METAL_MARLIN_X86
 
 #include <algorithm>
-#include <array>
 
-#include "cpu/thread_pool.h"
+#include "cpu/trellis_matmul_driver.h"
 
 namespace metal_marlin::cpu::trellis_cpu {
 namespace {
@@ -63,15 +62,6 @@ void build_plan(int bits, ColumnPlan& plan) {
     const int words = std::clamp(words_per_tile(bits) - 16 * r, 0, 16);
     plan.load_mask[r] = __mmask16((1u << words) - 1);
   }
-}
-
-const ColumnPlan& column_plan(int bits) {
-  static const auto plans = [] {
-    std::array<ColumnPlan, trellis::kMaxBits> all{};
-    for (int b = trellis::kMinBits; b <= trellis::kMaxBits; ++b) build_plan(b, all[size_t(b - 1)]);
-    return all;
-  }();
-  return plans[size_t(bits - 1)];
 }
 
 // R = 2 registers hold a tile of up to 128 bytes (K <= 4), R = 4 up to 256.
@@ -193,9 +183,6 @@ METAL_MARLIN_AVX512_TRELLIS void gemv_tile_row(const MatmulArgs& a, const Column
   }
 }
 
-constexpr int kPanelDepth = 256;  // K columns per panel: [256][16] floats = 16 KiB
-constexpr int kMicroRows = 8;
-
 // out[q, :] (+)= sum_kk x[q, kk] * panel[kk][:] for the 16 outputs of the panel, q < MR.
 template <int MR>
 METAL_MARLIN_AVX512_TRELLIS inline void micro_kernel(const float* x, int64_t ldx, const float* panel, int depth,
@@ -209,84 +196,45 @@ METAL_MARLIN_AVX512_TRELLIS inline void micro_kernel(const float* x, int64_t ldx
   for (int q = 0; q < MR; ++q) _mm512_storeu_ps(out + q * ldo, acc[q]);
 }
 
-// Tile row i of the GEMM: out[:, 16i : 16i+16]. Per K slice of 256, the 16 tiles are decoded into
-// the panel [256][16] (row kk = column kk of the slice: 16 output rows) once for all rows of x.
+// One tile into dst[16 c + r] = Q[r, c]: each decoded column is a row of the panel (no transpose).
 template <Codebook CB, int R>
-METAL_MARLIN_AVX512_TRELLIS void gemm_tile_row(const MatmulArgs& a, const ColumnPlan& plan, int64_t i) {
-  const int64_t kt = a.k / 16;
-  const int words = words_per_tile(a.bits);
-  alignas(64) float panel[kPanelDepth * 16];
-  float* out = a.out + 16 * i;
-  for (int64_t k0 = 0; k0 < a.k; k0 += kPanelDepth) {
-    const int depth = int(std::min<int64_t>(kPanelDepth, a.k - k0));
-    for (int jj = 0; jj < depth / 16; ++jj) {
-      __m512i regs[R];
-      load_tile<R>(a.packed + (i * kt + k0 / 16 + jj) * words, plan, regs);
-      float* dst = panel + 16 * 16 * jj;
+METAL_MARLIN_AVX512_TRELLIS void decode_tile_columns(const uint32_t* tile, int words, const ColumnPlan& plan,
+                                                     float* dst) {
+  __m512i regs[R];
+  load_tile<R>(tile, plan, regs);
 #pragma GCC unroll 8
-      for (int q = 0; q < kColumnPairs; ++q) {
-        __m512 first, second;
-        column_values<CB>(column_states<R>(regs, plan, q), first, second);
-        _mm512_store_ps(dst + 16 * (2 * q), first);
-        _mm512_store_ps(dst + 16 * (2 * q + 1), second);
-      }
-    }
-    const bool first = k0 == 0;
-    int64_t m0 = 0;
-    for (; m0 + kMicroRows <= a.m; m0 += kMicroRows) {
-      micro_kernel<kMicroRows>(a.x + m0 * a.k + k0, a.k, panel, depth, out + m0 * a.n, a.n, first);
-    }
-    const float* xr = a.x + m0 * a.k + k0;
-    float* orow = out + m0 * a.n;
-    switch (a.m - m0) {
-      case 7: micro_kernel<7>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 6: micro_kernel<6>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 5: micro_kernel<5>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 4: micro_kernel<4>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 3: micro_kernel<3>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 2: micro_kernel<2>(xr, a.k, panel, depth, orow, a.n, first); break;
-      case 1: micro_kernel<1>(xr, a.k, panel, depth, orow, a.n, first); break;
-      default: break;
-    }
+  for (int q = 0; q < kColumnPairs; ++q) {
+    __m512 first, second;
+    column_values<CB>(column_states<R>(regs, plan, q), first, second);
+    _mm512_store_ps(dst + 16 * (2 * q), first);
+    _mm512_store_ps(dst + 16 * (2 * q + 1), second);
   }
 }
 
-using TileRowFn = void (*)(const MatmulArgs&, const ColumnPlan&, int64_t);
-
-template <Codebook CB, int R>
-TileRowFn pick_tile_row(int64_t m) {
-  static_assert(kGemvMaxRows == 8, "the GEMV cases cover M = 1..8");
-  switch (m) {
-    case 1: return gemv_tile_row<CB, R, 1>;
-    case 2: return gemv_tile_row<CB, R, 2>;
-    case 3: return gemv_tile_row<CB, R, 3>;
-    case 4: return gemv_tile_row<CB, R, 4>;
-    case 5: return gemv_tile_row<CB, R, 5>;
-    case 6: return gemv_tile_row<CB, R, 6>;
-    case 7: return gemv_tile_row<CB, R, 7>;
-    case 8: return gemv_tile_row<CB, R, 8>;
-    default: return gemm_tile_row<CB, R>;
-  }
-}
-
-template <Codebook CB>
-TileRowFn pick_tile_row(int64_t m, int bits) {
-  return bits <= 4 ? pick_tile_row<CB, 2>(m) : pick_tile_row<CB, 4>(m);
-}
+// R = 2 registers per tile for K <= 4, 4 above.
+template <int R>
+struct Avx512Kernels {
+  template <Codebook CB>
+  struct ForCodebook {
+    using Plan = ColumnPlan;
+    static constexpr int kMicroRows = 8;
+    template <int M>
+    static constexpr matmul_driver::TileRowFn<ColumnPlan> gemv = gemv_tile_row<CB, R, M>;
+    static constexpr matmul_driver::DecodeFn<ColumnPlan> decode_tile = decode_tile_columns<CB, R>;
+    template <int MR>
+    static constexpr matmul_driver::MicroKernelFn multiply = micro_kernel<MR>;
+  };
+};
 
 }  // namespace
 
 void matmul_avx512(const MatmulArgs& a) {
-  TileRowFn tile_row = nullptr;
-  switch (a.cb) {
-    case Codebook::k3inst: tile_row = pick_tile_row<Codebook::k3inst>(a.m, a.bits); break;
-    case Codebook::kMcg: tile_row = pick_tile_row<Codebook::kMcg>(a.m, a.bits); break;
-    case Codebook::k1mad: tile_row = pick_tile_row<Codebook::k1mad>(a.m, a.bits); break;
-    case Codebook::kMul1: tile_row = pick_tile_row<Codebook::kMul1>(a.m, a.bits); break;
+  const ColumnPlan& plan = matmul_driver::plan_for_bits<ColumnPlan, build_plan>(a.bits);
+  if (a.bits <= 4) {
+    matmul_driver::run<Avx512Kernels<2>::ForCodebook>(a, plan);
+  } else {
+    matmul_driver::run<Avx512Kernels<4>::ForCodebook>(a, plan);
   }
-  const ColumnPlan& plan = column_plan(a.bits);
-  const int threads = plan_threads(a.n_threads, a.n / 16);
-  parallel_for(threads, a.n / 16, [&](int64_t i, int) { tile_row(a, plan, i); });
 }
 
 }  // namespace metal_marlin::cpu::trellis_cpu

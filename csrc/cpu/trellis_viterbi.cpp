@@ -96,171 +96,163 @@ float* forward_scalar(const float* x, int bits, const float* table, float* prev,
 
 #if METAL_MARLIN_X86
 // ---------------------------------------------------------------------------------------------
-// AVX-512 (16 groups per vector). Four independent vectors per iteration hide the compare ->
-// masked-move (back-pointer mode) or the min (history mode) latency chain.
+// SIMD forward passes. One block is kUnroll vectors of consecutive groups: the independent vectors
+// hide the compare -> masked-move (back-pointer mode) or the min (history mode) latency chain.
+// The loops are written once over a Lanes struct (one per ISA and K) that holds the block's vectors
+// and does the vector work in target-attributed member functions. Vectors never cross a call: the
+// loops are only called from the flattened entry points below (Avx512Pass, Avx2Pass), which inline
+// everything into code compiled for their ISA.
+constexpr int kUnroll = 4;
 
-// best_t of the predecessors of groups g..g+15: entry (g >> K) + lane >> K.
-template <int K>
-METAL_MARLIN_AVX512_TRELLIS inline __m512 predecessors_avx512(const float* best) {
-  if constexpr (K >= 4) {
-    return _mm512_set1_ps(*best);
-  } else {
-    const __m512i lane_group =
-        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), K);
-    return _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(best));
-  }
-}
-
-template <int K>
-METAL_MARLIN_AVX512_TRELLIS float* forward_avx512(const float* x, const float* table, float* prev, float* next,
-                                                  uint8_t* bp) {
+// Lanes<K> interface: kGroups (groups per block); set_target(x_t); clear() (every running minimum
+// +inf, its j 0); first_min(f, best, g0, j) and min(f, best, g0) fold in the candidates of one j for
+// groups g0 .. g0 + kGroups - 1 (f = f(j*G + .) from group 0, best = best_t from j's first
+// predecessor); store(next + g0[, bp_t + g0]) writes the minima [and their j].
+template <class Lanes, int K>
+float* forward_back_pointers(const float* x, const float* table, float* prev, float* next, uint8_t* bp) {
   constexpr int G = 1 << (16 - K);
   constexpr int J = 1 << K;
   constexpr int S = 1 << (16 - 2 * K);
-  constexpr int U = 4;
-  static_assert(G % (16 * U) == 0, "group count must be a multiple of the unroll");
+  static_assert(G % Lanes::kGroups == 0, "group count must be a multiple of the block");
+  Lanes lanes;
   for (int t = 0; t < kTileSteps; ++t) {
-    const __m512 xt = _mm512_set1_ps(x[t]);
+    lanes.set_target(x[t]);
     uint8_t* bpt = bp + t * G;
-    for (int g0 = 0; g0 < G; g0 += 16 * U) {
-      __m512 m[U];
-      __m512i arg[U];
-      for (int u = 0; u < U; ++u) {
-        m[u] = _mm512_set1_ps(kInf);
-        arg[u] = _mm512_setzero_si512();
-      }
-      for (int j = 0; j < J; ++j) {
-        const __m512i jv = _mm512_set1_epi32(j);
-        for (int u = 0; u < U; ++u) {
-          const int g = g0 + 16 * u;
-          const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(table + j * G + g), xt);
-          const __m512 c = _mm512_fmadd_ps(d, d, predecessors_avx512<K>(prev + j * S + (g >> K)));
-          const __mmask16 lt = _mm512_cmp_ps_mask(c, m[u], _CMP_LT_OQ);
-          m[u] = _mm512_mask_mov_ps(m[u], lt, c);
-          arg[u] = _mm512_mask_mov_epi32(arg[u], lt, jv);
-        }
-      }
-      for (int u = 0; u < U; ++u) {
-        _mm512_storeu_ps(next + g0 + 16 * u, m[u]);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(bpt + g0 + 16 * u), _mm512_cvtepi32_epi8(arg[u]));
-      }
+    for (int g0 = 0; g0 < G; g0 += Lanes::kGroups) {
+      lanes.clear();
+      for (int j = 0; j < J; ++j) lanes.first_min(table + j * G, prev + j * S, g0, j);
+      lanes.store(next + g0, bpt + g0);
     }
     std::swap(prev, next);
   }
   return prev;
 }
 
-template <int K>
-METAL_MARLIN_AVX512_TRELLIS float* forward_history_avx512(const float* x, const float* table, float* hist,
-                                                          int64_t stride) {
+template <class Lanes, int K>
+float* forward_history(const float* x, const float* table, float* hist, int64_t stride) {
   constexpr int G = 1 << (16 - K);
   constexpr int J = 1 << K;
   constexpr int S = 1 << (16 - 2 * K);
-  constexpr int U = 4;
-  static_assert(G % (16 * U) == 0, "group count must be a multiple of the unroll");
+  static_assert(G % Lanes::kGroups == 0, "group count must be a multiple of the block");
+  Lanes lanes;
   for (int t = 0; t < kTileSteps; ++t) {
-    const __m512 xt = _mm512_set1_ps(x[t]);
+    lanes.set_target(x[t]);
     const float* prev = hist + t * stride;
     float* next = hist + (t + 1) * stride;
-    for (int g0 = 0; g0 < G; g0 += 16 * U) {
-      __m512 m[U];
-      for (int u = 0; u < U; ++u) m[u] = _mm512_set1_ps(kInf);
-      for (int j = 0; j < J; ++j) {
-        for (int u = 0; u < U; ++u) {
-          const int g = g0 + 16 * u;
-          const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(table + j * G + g), xt);
-          m[u] = _mm512_min_ps(m[u], _mm512_fmadd_ps(d, d, predecessors_avx512<K>(prev + j * S + (g >> K))));
-        }
-      }
-      for (int u = 0; u < U; ++u) _mm512_storeu_ps(next + g0 + 16 * u, m[u]);
+    for (int g0 = 0; g0 < G; g0 += Lanes::kGroups) {
+      lanes.clear();
+      for (int j = 0; j < J; ++j) lanes.min(table + j * G, prev + j * S, g0);
+      lanes.store(next + g0);
     }
   }
   return hist + kTileSteps * stride;
 }
 
-// ---------------------------------------------------------------------------------------------
-// AVX2 (8 groups per vector), the same loops.
-
+// AVX-512: 16 groups per vector.
 template <int K>
-METAL_MARLIN_AVX2 inline __m256 predecessors_avx2(const float* best) {
-  if constexpr (K >= 3) {
-    return _mm256_broadcast_ss(best);
-  } else {
-    const __m256i lane_group = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), K);
-    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(best), lane_group);
-  }
-}
+struct Avx512Lanes {
+  static constexpr int kGroups = 16 * kUnroll;
+  __m512 xt;
+  __m512 m[kUnroll];
+  __m512i arg[kUnroll];
 
-// bytes[0..31] = the low bytes of the 32 lanes of arg[0..3] (values < 256).
-METAL_MARLIN_AVX2 inline void store_low_bytes(const __m256i (&arg)[4], uint8_t* bytes) {
-  const __m256i words = _mm256_packus_epi16(_mm256_packs_epi32(arg[0], arg[1]), _mm256_packs_epi32(arg[2], arg[3]));
-  // The packs work per 128-bit half: dword i of `words` holds lanes 4 (i / 4) .. 4 (i / 4) + 3 of arg[i % 4].
-  const __m256i ordered = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes), ordered);
-}
-
-template <int K>
-METAL_MARLIN_AVX2 float* forward_avx2(const float* x, const float* table, float* prev, float* next, uint8_t* bp) {
-  constexpr int G = 1 << (16 - K);
-  constexpr int J = 1 << K;
-  constexpr int S = 1 << (16 - 2 * K);
-  constexpr int U = 4;
-  static_assert(G % (8 * U) == 0, "group count must be a multiple of the unroll");
-  for (int t = 0; t < kTileSteps; ++t) {
-    const __m256 xt = _mm256_set1_ps(x[t]);
-    uint8_t* bpt = bp + t * G;
-    for (int g0 = 0; g0 < G; g0 += 8 * U) {
-      __m256 m[U];
-      __m256i arg[U];
-      for (int u = 0; u < U; ++u) {
-        m[u] = _mm256_set1_ps(kInf);
-        arg[u] = _mm256_setzero_si256();
-      }
-      for (int j = 0; j < J; ++j) {
-        const __m256 jv = _mm256_castsi256_ps(_mm256_set1_epi32(j));
-        for (int u = 0; u < U; ++u) {
-          const int g = g0 + 8 * u;
-          const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(table + j * G + g), xt);
-          const __m256 c = _mm256_fmadd_ps(d, d, predecessors_avx2<K>(prev + j * S + (g >> K)));
-          const __m256 lt = _mm256_cmp_ps(c, m[u], _CMP_LT_OQ);
-          m[u] = _mm256_blendv_ps(m[u], c, lt);
-          arg[u] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(arg[u]), jv, lt));
-        }
-      }
-      for (int u = 0; u < U; ++u) _mm256_storeu_ps(next + g0 + 8 * u, m[u]);
-      store_low_bytes(arg, bpt + g0);
-    }
-    std::swap(prev, next);
-  }
-  return prev;
-}
-
-template <int K>
-METAL_MARLIN_AVX2 float* forward_history_avx2(const float* x, const float* table, float* hist, int64_t stride) {
-  constexpr int G = 1 << (16 - K);
-  constexpr int J = 1 << K;
-  constexpr int S = 1 << (16 - 2 * K);
-  constexpr int U = 4;
-  static_assert(G % (8 * U) == 0, "group count must be a multiple of the unroll");
-  for (int t = 0; t < kTileSteps; ++t) {
-    const __m256 xt = _mm256_set1_ps(x[t]);
-    const float* prev = hist + t * stride;
-    float* next = hist + (t + 1) * stride;
-    for (int g0 = 0; g0 < G; g0 += 8 * U) {
-      __m256 m[U];
-      for (int u = 0; u < U; ++u) m[u] = _mm256_set1_ps(kInf);
-      for (int j = 0; j < J; ++j) {
-        for (int u = 0; u < U; ++u) {
-          const int g = g0 + 8 * u;
-          const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(table + j * G + g), xt);
-          m[u] = _mm256_min_ps(m[u], _mm256_fmadd_ps(d, d, predecessors_avx2<K>(prev + j * S + (g >> K))));
-        }
-      }
-      for (int u = 0; u < U; ++u) _mm256_storeu_ps(next + g0 + 8 * u, m[u]);
+  METAL_MARLIN_AVX512_TRELLIS void set_target(float x) { xt = _mm512_set1_ps(x); }
+  METAL_MARLIN_AVX512_TRELLIS void clear() {
+    for (int u = 0; u < kUnroll; ++u) {
+      m[u] = _mm512_set1_ps(kInf);
+      arg[u] = _mm512_setzero_si512();
     }
   }
-  return hist + kTileSteps * stride;
-}
+  // best_t of the predecessors of groups g..g+15: entry (g >> K) + lane >> K.
+  METAL_MARLIN_AVX512_TRELLIS static __m512 predecessors(const float* best) {
+    if constexpr (K >= 4) {
+      return _mm512_set1_ps(*best);
+    } else {
+      const __m512i lane_group =
+          _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), K);
+      return _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(best));
+    }
+  }
+  METAL_MARLIN_AVX512_TRELLIS __m512 candidates(const float* f, const float* best, int g) const {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(f + g), xt);
+    return _mm512_fmadd_ps(d, d, predecessors(best + (g >> K)));
+  }
+  METAL_MARLIN_AVX512_TRELLIS void first_min(const float* f, const float* best, int g0, int j) {
+    const __m512i jv = _mm512_set1_epi32(j);
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m512 c = candidates(f, best, g0 + 16 * u);
+      const __mmask16 lt = _mm512_cmp_ps_mask(c, m[u], _CMP_LT_OQ);
+      m[u] = _mm512_mask_mov_ps(m[u], lt, c);
+      arg[u] = _mm512_mask_mov_epi32(arg[u], lt, jv);
+    }
+  }
+  METAL_MARLIN_AVX512_TRELLIS void min(const float* f, const float* best, int g0) {
+    for (int u = 0; u < kUnroll; ++u) m[u] = _mm512_min_ps(m[u], candidates(f, best, g0 + 16 * u));
+  }
+  METAL_MARLIN_AVX512_TRELLIS void store(float* next) const {
+    for (int u = 0; u < kUnroll; ++u) _mm512_storeu_ps(next + 16 * u, m[u]);
+  }
+  METAL_MARLIN_AVX512_TRELLIS void store(float* next, uint8_t* bp) const {
+    store(next);
+    for (int u = 0; u < kUnroll; ++u) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(bp + 16 * u), _mm512_cvtepi32_epi8(arg[u]));
+    }
+  }
+};
+
+// AVX2: 8 groups per vector.
+template <int K>
+struct Avx2Lanes {
+  static constexpr int kGroups = 8 * kUnroll;
+  __m256 xt;
+  __m256 m[kUnroll];
+  __m256i arg[kUnroll];
+
+  METAL_MARLIN_AVX2 void set_target(float x) { xt = _mm256_set1_ps(x); }
+  METAL_MARLIN_AVX2 void clear() {
+    for (int u = 0; u < kUnroll; ++u) {
+      m[u] = _mm256_set1_ps(kInf);
+      arg[u] = _mm256_setzero_si256();
+    }
+  }
+  METAL_MARLIN_AVX2 static __m256 predecessors(const float* best) {
+    if constexpr (K >= 3) {
+      return _mm256_broadcast_ss(best);
+    } else {
+      const __m256i lane_group = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), K);
+      return _mm256_permutevar8x32_ps(_mm256_loadu_ps(best), lane_group);
+    }
+  }
+  METAL_MARLIN_AVX2 __m256 candidates(const float* f, const float* best, int g) const {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(f + g), xt);
+    return _mm256_fmadd_ps(d, d, predecessors(best + (g >> K)));
+  }
+  METAL_MARLIN_AVX2 void first_min(const float* f, const float* best, int g0, int j) {
+    const __m256 jv = _mm256_castsi256_ps(_mm256_set1_epi32(j));
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m256 c = candidates(f, best, g0 + 8 * u);
+      const __m256 lt = _mm256_cmp_ps(c, m[u], _CMP_LT_OQ);
+      m[u] = _mm256_blendv_ps(m[u], c, lt);
+      arg[u] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(arg[u]), jv, lt));
+    }
+  }
+  METAL_MARLIN_AVX2 void min(const float* f, const float* best, int g0) {
+    for (int u = 0; u < kUnroll; ++u) m[u] = _mm256_min_ps(m[u], candidates(f, best, g0 + 8 * u));
+  }
+  METAL_MARLIN_AVX2 void store(float* next) const {
+    for (int u = 0; u < kUnroll; ++u) _mm256_storeu_ps(next + 8 * u, m[u]);
+  }
+  // bp[0..31] = the low bytes of the 32 lanes of arg (values < 256).
+  METAL_MARLIN_AVX2 void store(float* next, uint8_t* bp) const {
+    static_assert(kUnroll == 4, "one 32-byte store of four vectors' bytes");
+    store(next);
+    const __m256i words =
+        _mm256_packus_epi16(_mm256_packs_epi32(arg[0], arg[1]), _mm256_packs_epi32(arg[2], arg[3]));
+    // The packs work per 128-bit half: dword i of `words` holds lanes 4 (i / 4) .. 4 (i / 4) + 3 of arg[i % 4].
+    const __m256i ordered = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bp), ordered);
+  }
+};
 
 // Back-trace from group g at the end: recompute the candidates of the path's group at each step
 // with the forward pass's exact arithmetic (sub, fma) and take the first minimum.
@@ -301,23 +293,28 @@ Forward forward_for(int bits) {
   }
 }
 
+// The entry points: flatten inlines the shared loops and the Lanes members into code for one ISA.
 template <int K>
 struct Avx512Pass {
-  static float* back_pointers(const float* x, int, const float* table, float* prev, float* next, uint8_t* bp) {
-    return forward_avx512<K>(x, table, prev, next, bp);
+  METAL_MARLIN_AVX512_TRELLIS __attribute__((flatten)) static float* back_pointers(
+      const float* x, int, const float* table, float* prev, float* next, uint8_t* bp) {
+    return forward_back_pointers<Avx512Lanes<K>, K>(x, table, prev, next, bp);
   }
-  static float* history(const float* x, int, const float* table, float* hist, int64_t stride) {
-    return forward_history_avx512<K>(x, table, hist, stride);
+  METAL_MARLIN_AVX512_TRELLIS __attribute__((flatten)) static float* history(const float* x, int, const float* table,
+                                                                             float* hist, int64_t stride) {
+    return forward_history<Avx512Lanes<K>, K>(x, table, hist, stride);
   }
 };
 
 template <int K>
 struct Avx2Pass {
-  static float* back_pointers(const float* x, int, const float* table, float* prev, float* next, uint8_t* bp) {
-    return forward_avx2<K>(x, table, prev, next, bp);
+  METAL_MARLIN_AVX2 __attribute__((flatten)) static float* back_pointers(const float* x, int, const float* table,
+                                                                         float* prev, float* next, uint8_t* bp) {
+    return forward_back_pointers<Avx2Lanes<K>, K>(x, table, prev, next, bp);
   }
-  static float* history(const float* x, int, const float* table, float* hist, int64_t stride) {
-    return forward_history_avx2<K>(x, table, hist, stride);
+  METAL_MARLIN_AVX2 __attribute__((flatten)) static float* history(const float* x, int, const float* table,
+                                                                   float* hist, int64_t stride) {
+    return forward_history<Avx2Lanes<K>, K>(x, table, hist, stride);
   }
 };
 #endif

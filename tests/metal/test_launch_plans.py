@@ -13,8 +13,6 @@ the output. Tolerance: the kernels' float32 sums differ from the reference's in 
 relative at these sizes) and both round to half once: rtol 2^-10 plus atol 2^-9 * max|reference|.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -22,9 +20,8 @@ from metal_marlin.formats.hadamard import hadamard_transform
 from metal_marlin.ops import attention, experts, group_matmul, metal
 from metal_marlin.ops import trellis as trellis_ops
 from metal_marlin.quant import quantize_weight
+from tests.metal.msl_testing import SHADERS, paged
 from tests.mslsim import compile_metal
-
-SHADERS = Path(__file__).resolve().parents[2] / "shaders"
 
 
 @pytest.fixture(scope="module")
@@ -124,22 +121,6 @@ def test_moe_experts(launched, tokens, fmt, symmetric):
                         experts.moe_matmul_kernel("gate_up", fmt, not symmetric, tokens),
                         experts.moe_matmul_kernel("down", fmt, not symmetric, tokens), "moe_combine"]
     assert_matches(out, experts.reference_moe_experts(*args))
-
-
-def paged(rows: list[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pool NaN except the rows, int32 table; unused entries point past the pool)."""
-    needed = [-(-len(r) // block_size) for r in rows]
-    num_blocks = sum(needed) + 1
-    table = torch.full((len(rows), max(needed) + 1), num_blocks, dtype=torch.int32)
-    pool = torch.full((num_blocks, block_size, *rows[0].shape[1:]), float("nan"), dtype=rows[0].dtype)
-    blocks = iter(torch.randperm(num_blocks).tolist())
-    for seq, seq_rows in enumerate(rows):
-        for i in range(needed[seq]):
-            block = next(blocks)
-            table[seq, i] = block
-            chunk = seq_rows[i * block_size:(i + 1) * block_size]
-            pool[block, :len(chunk)] = chunk
-    return pool, table
 
 
 CONTEXT_LENS = [5, 0, 40]

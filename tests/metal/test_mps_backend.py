@@ -20,6 +20,7 @@ from metal_marlin import _core
 from metal_marlin.formats.hadamard import hadamard_transform
 from metal_marlin.ops import attention, experts, group_matmul, metal, trellis
 from metal_marlin.quant import quantize_weight
+from tests.metal.msl_testing import paged
 
 pytestmark = pytest.mark.skipif(not torch.backends.mps.is_available(),
                                 reason="needs an Apple GPU: torch.backends.mps.is_available() is False")
@@ -138,22 +139,6 @@ def test_moe_experts(launched, fmt, symmetric, tokens):
 
 
 # ---- attention ------------------------------------------------------------------------------------------------
-
-
-def paged(rows: list[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pool NaN except the rows, int32 table; unused entries point past the pool)."""
-    needed = [-(-len(r) // block_size) for r in rows]
-    num_blocks = sum(needed) + 1
-    table = torch.full((len(rows), max(needed) + 1), num_blocks, dtype=torch.int32)
-    pool = torch.full((num_blocks, block_size, *rows[0].shape[1:]), float("nan"), dtype=torch.float16)
-    blocks = iter(torch.randperm(num_blocks).tolist())
-    for seq, seq_rows in enumerate(rows):
-        for i in range(needed[seq]):
-            block = next(blocks)
-            table[seq, i] = block
-            chunk = seq_rows[i * block_size:(i + 1) * block_size]
-            pool[block, :len(chunk)] = chunk
-    return pool, table
 
 
 CONTEXT_LENS = [1, 300, 0, 1000, 64]

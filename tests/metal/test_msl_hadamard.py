@@ -3,16 +3,16 @@ reference transform of ``metal_marlin::hadamard`` (``hadamard_transform``: float
 input / output sides of ``reference_trellis_matmul`` (``hadamard(x * su)`` and ``hadamard(z) * sv + bias``).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from metal_marlin.formats.hadamard import hadamard_transform
+from tests.metal.msl_testing import HALF_SUBNORMAL_SPACING, SHADERS, UNIT_ROUNDOFF_F16, UNIT_ROUNDOFF_F32
 from tests.mslsim import compile_metal
 
-SHADER = Path(__file__).resolve().parents[2] / "shaders" / "hadamard.metal"
+SHADER = SHADERS / "hadamard.metal"
 
 BLOCKS = [2**i for i in range(10)]  # 1 .. 512
 VARIANTS = ("half", "float", "in", "out")
@@ -22,10 +22,6 @@ KERNELS = [f"hadamard_{variant}_{block}" for variant in VARIANTS for block in BL
 THREADS = 128
 CHUNK = 512
 PARAMS = np.dtype([("rows", np.uint32), ("n", np.uint32), ("has_bias", np.uint32)])
-
-UNIT_ROUNDOFF_F32 = 2.0**-24
-UNIT_ROUNDOFF_F16 = 2.0**-11
-HALF_SUBNORMAL_SPACING = 2.0**-24
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ compared with the reference op ``reference_moe_experts`` (float32 torch math) on
 project's quantizer; moe_route's pair lists are also checked against a stable sort written here.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +13,10 @@ import torch
 
 from metal_marlin.ops.experts import reference_moe_experts
 from metal_marlin.quant import quantize_weight
+from tests.metal.msl_testing import HALF_SUBNORMAL_SPACING, SHADERS, UNIT_ROUNDOFF_F16, UNIT_ROUNDOFF_F32
 from tests.mslsim import compile_metal
 
-SHADER = Path(__file__).resolve().parents[2] / "shaders" / "moe.metal"
+SHADER = SHADERS / "moe.metal"
 
 # (format, symmetric): every group format, with its asymmetric variant where the format has one.
 VARIANTS = [("int8", True), ("int8", False), ("int4", True), ("int4", False), ("int3", True), ("int3", False),
@@ -42,10 +42,6 @@ ROWS_PER_ITEM = {"gemv": 8, "gemm": 32}
 FEATURES = {("gemv", "gate_up"): 2, ("gemv", "down"): 4, ("gemm", "gate_up"): 32, ("gemm", "down"): 32}
 PARAMS = np.dtype([(name, np.uint32) for name in
                    ("tokens", "top_k", "experts", "hidden", "inter", "group_size", "rows_per_item")])
-
-UNIT_ROUNDOFF_F32 = 2.0**-24
-UNIT_ROUNDOFF_F16 = 2.0**-11
-HALF_SUBNORMAL_SPACING = 2.0**-24
 
 E, H, INTER, G = 6, 96, 64, 64  # K = 96 with group 64: gate_up's last group is short
 

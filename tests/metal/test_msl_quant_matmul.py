@@ -7,7 +7,6 @@ with one-hot activation rows, which must reproduce the reference's float32 weigh
 exactly (the products are exact and every other term of the sums is zero).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +25,10 @@ from metal_marlin.ops.group_matmul import (
 )
 from metal_marlin.ops.metal import cdiv
 from metal_marlin.quant import quantize_weight
+from tests.metal.msl_testing import HALF_SUBNORMAL_SPACING, SHADERS, UNIT_ROUNDOFF_F16, UNIT_ROUNDOFF_F32
 from tests.mslsim import compile_metal
 
-SHADER = Path(__file__).resolve().parents[2] / "shaders" / "quant_matmul.metal"
+SHADER = SHADERS / "quant_matmul.metal"
 
 # (format, symmetric): every group format, with its asymmetric variant where the format has one.
 VARIANTS = [("int8", True), ("int8", False), ("int4", True), ("int4", False), ("int3", True), ("int3", False),
@@ -51,10 +51,6 @@ VARIANT_OF = {host_name(family, f, s): (f, s) for family in ("gemv", "gemm") for
 GEMV_SHAPES = [(1, 38, 96, 64, False), (3, 9, 4160, -1, True), (8, 13, 320, 96, True),
                (11, 6, 3136, 128, False)]
 GEMM_SHAPES = [(5, 40, 96, 64, True), (17, 38, 128, -1, False), (40, 70, 320, 96, True)]
-
-UNIT_ROUNDOFF_F32 = 2.0**-24
-UNIT_ROUNDOFF_F16 = 2.0**-11
-HALF_SUBNORMAL_SPACING = 2.0**-24
 
 
 @pytest.fixture(scope="module")

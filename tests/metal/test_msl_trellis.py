@@ -9,7 +9,6 @@ bit for bit; one test feeds every one of the 65536 states through each codebook.
 """
 
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,9 @@ import torch
 from metal_marlin.formats.trellis import CODEBOOKS, codebook_values, decode_tiles, pack_states, untile
 from metal_marlin.ops.trellis import reference_trellis_matmul
 from metal_marlin.quant import quantize_weight
+from tests.metal.msl_testing import HALF_SUBNORMAL_SPACING, SHADERS, UNIT_ROUNDOFF_F16, UNIT_ROUNDOFF_F32
 from tests.mslsim import compile_metal
 
-SHADERS = Path(__file__).resolve().parents[2] / "shaders"
 BITS = range(1, 9)
 
 GEMV_KERNELS = [f"trellis_gemv_{cb}_{bits}" for cb in CODEBOOKS for bits in BITS]
@@ -34,10 +33,6 @@ GEMM_BM, GEMM_BN = 64, 64
 HADAMARD_CHUNK = 512
 MATMUL_PARAMS = np.dtype([("m", np.uint32), ("n", np.uint32), ("k", np.uint32)])
 HADAMARD_PARAMS = np.dtype([("rows", np.uint32), ("n", np.uint32), ("has_bias", np.uint32)])
-
-UNIT_ROUNDOFF_F32 = 2.0**-24
-UNIT_ROUNDOFF_F16 = 2.0**-11
-HALF_SUBNORMAL_SPACING = 2.0**-24
 
 # One quantized weight per (codebook, bits): N = 48 leaves the GEMM's 64-column block with 3 of its 4
 # tile rows; K_in = 128 gives had_in = 128 (the quantizer's cap) and had_out = 16. (M, bias) cases:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MslCompileError
-from .rewrite import mask_source
+from .rewrite import mask_source, matching_bracket, split_top_level
 
 # In the order of the Builtin enum in include/mslsim_abi.h.
 BUILTINS = (
@@ -100,15 +100,10 @@ class _Source:
 
     def matching(self, pos: int, opening: str, closing: str) -> int:
         """Index just past the bracket closing the one at ``pos``."""
-        depth = 0
-        for k in range(pos, len(self.code)):
-            if self.code[k] == opening:
-                depth += 1
-            elif self.code[k] == closing:
-                depth -= 1
-                if depth == 0:
-                    return k + 1
-        raise self.error(pos, f"unbalanced '{opening}'")
+        end = matching_bracket(self.code, pos, opening, closing)
+        if end is None:
+            raise self.error(pos, f"unbalanced '{opening}'")
+        return end
 
     def namespaces(self) -> list[tuple[int, str]]:
         """(position, enclosing namespace path such as "mlx::steel") at every namespace boundary."""
@@ -146,19 +141,7 @@ def _integer(src: _Source, pos: int, text: str) -> int:
 
 
 def _split_params(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
-    for c in text:
-        if c in "([{<":
-            depth += 1
-        elif c in ")]}>":
-            depth -= 1
-        if c == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    parts.append("".join(current))
-    return [p for p in (p.strip() for p in parts) if p and p != "void"]
+    return [p for p in (p.strip() for p in split_top_level(text)) if p and p != "void"]
 
 
 def _params(src: _Source, pos: int, text: str, kernel: str) -> tuple[Param, ...]:

@@ -114,16 +114,11 @@ class _Rewriter:
         self.edits.append(_Edit(start, end, text))
 
     def matching(self, pos: int, opening: str, closing: str) -> int:
-        """Index just past the bracket that closes the one at ``pos``."""
-        depth = 0
-        for k in range(pos, len(self.code)):
-            if self.code[k] == opening:
-                depth += 1
-            elif self.code[k] == closing:
-                depth -= 1
-                if depth == 0:
-                    return k + 1
-        raise self.error(pos, f"unbalanced '{opening}'")
+        """Index just past the bracket closing the one at ``pos``."""
+        end = matching_bracket(self.code, pos, opening, closing)
+        if end is None:
+            raise self.error(pos, f"unbalanced '{opening}'")
+        return end
 
     # --- literals -------------------------------------------------------------------------------------
     def literals(self) -> None:
@@ -217,7 +212,7 @@ class _Rewriter:
             return  # a pointer or reference to threadgroup memory, held by the thread
         if "=" in statement:
             raise self.error(start, "threadgroup variables cannot have initialisers")
-        declarators = _split_top_level(statement[len("threadgroup") :])
+        declarators = split_top_level(statement[len("threadgroup") :])
         first = re.match(r"\s*(.*?)\s*\b([A-Za-z_]\w*)\s*((?:\[[^\]]*\]\s*)*)$", declarators[0], re.S)
         if not first or not first.group(1).strip():
             raise self.error(start, "cannot parse this threadgroup declaration")
@@ -284,7 +279,20 @@ class _Rewriter:
         return f'#line 1 "{escaped}"\n' + text
 
 
-def _split_top_level(text: str) -> list[str]:
+def matching_bracket(code: str, pos: int, opening: str, closing: str) -> int | None:
+    """Index just past the bracket closing the one at ``code[pos]``; None if it is never closed."""
+    depth = 0
+    for k in range(pos, len(code)):
+        if code[k] == opening:
+            depth += 1
+        elif code[k] == closing:
+            depth -= 1
+            if depth == 0:
+                return k + 1
+    return None
+
+
+def split_top_level(text: str) -> list[str]:
     """Split at commas outside brackets."""
     parts, depth, current = [], 0, []
     for c in text:

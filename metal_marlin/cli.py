@@ -154,6 +154,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serving.server import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
+          block_size=args.block_size, max_queue=args.max_queue, api_key=args.api_key, metrics_port=args.metrics_port,
+          batch_invariant=args.batch_invariance)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metal-marlin", description="Low-bit quantized LLM inference.")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
@@ -218,6 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="format summary, bytes and bits per weight of a checkpoint or GGUF file")
     p.add_argument("path", metavar="PATH")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serving.md)")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    p.add_argument("--kv-blocks", type=int, default=256, help="paged KV cache blocks (one is reserved)")
+    p.add_argument("--block-size", type=int, default=16, help="token positions per KV block")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for admission; beyond: HTTP 429")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--metrics-port", type=int, default=None, help="also serve /metrics on this port")
+    p.add_argument("--no-batch-invariance", dest="batch_invariance", action="store_false",
+                   help="decode all running requests in one unpadded pass: faster at low concurrency, but a "
+                        "request's output may then depend on the others in the last bits")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="import the embedded model, quantize it, compare perplexity, generate")
     p.add_argument("--max-tokens", type=int, default=2048, help="corpus tokens scored per model")

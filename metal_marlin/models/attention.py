@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from .cache import KVCache, MLACache
 from .layers import RMSNorm, rotate_half_pairs, rotate_interleaved_pairs
+from .paged_cache import PagedStep
 
 # transformers builds MLA's two latent norms with the RMSNorm default, not config.rms_norm_eps.
 MLA_LATENT_NORM_EPS = 1e-6
@@ -45,7 +46,7 @@ class GQAAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                cache: KVCache, start: int) -> torch.Tensor:
+                cache: KVCache | PagedStep, start: int) -> torch.Tensor:
         batch, steps, _ = x.shape
         q = self.q_proj(x).view(batch, steps, self.heads, self.head_dim)
         k = self.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
@@ -55,9 +56,12 @@ class GQAAttention(nn.Module):
         cos, sin = rope
         q = rotate_half_pairs(q.transpose(1, 2), cos, sin)
         k = rotate_half_pairs(k.transpose(1, 2), cos, sin)
-        keys, values = cache.write(self.layer_idx, start, k, v.transpose(1, 2))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                             enable_gqa=self.kv_heads != self.heads)
+        if cache.decodes_paged:  # one new token per sequence of a paged cache: the paged-attention op
+            out = cache.decode_attention(self.layer_idx, q, k, v.transpose(1, 2), self.scaling)
+        else:
+            keys, values = cache.write(self.layer_idx, start, k, v.transpose(1, 2))
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, self.heads * self.head_dim))
 
 
@@ -99,7 +103,7 @@ class MLAAttention(nn.Module):
         return self._absorbed
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                cache: MLACache, start: int) -> torch.Tensor:
+                cache: MLACache | PagedStep, start: int) -> torch.Tensor:
         batch, steps, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(batch, steps, self.heads, self.nope_dim + self.rope_dim).transpose(1, 2)
@@ -110,11 +114,15 @@ class MLAAttention(nn.Module):
         cos, sin = rope
         q_rope = rotate(q_rope, cos, sin)
         k_rope = rotate(k_rope.unsqueeze(1), cos, sin).squeeze(1)
-        entries = cache.write(self.layer_idx, start, latent, k_rope).unsqueeze(1)  # [B, 1, S, rank + rope]
         w_uk, w_uv = self.absorbed_weights(x.dtype)
-        query = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_rope), dim=-1)
-        out = F.scaled_dot_product_attention(query, entries, entries[..., :self.rank], attn_mask=mask,
-                                             scale=self.scaling, enable_gqa=True)
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        if cache.decodes_paged:  # one new token per sequence of a paged cache: the paged MLA op
+            out = cache.decode_latent_attention(self.layer_idx, latent, k_rope, q_latent, q_rope, self.scaling)
+        else:
+            entries = cache.write(self.layer_idx, start, latent, k_rope).unsqueeze(1)  # [B, 1, S, rank + rope]
+            out = F.scaled_dot_product_attention(torch.cat((q_latent, q_rope), dim=-1), entries,
+                                                 entries[..., :self.rank], attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=True)
         out = torch.einsum("bhtr,hvr->bthv", out, w_uv).reshape(batch, steps, self.heads * self.v_dim)
         return self.o_proj(out)
 

@@ -14,6 +14,8 @@ import torch
 class CacheState:
     """Bookkeeping shared by both caches."""
 
+    decodes_paged = False  # see PagedStep: attention through the paged decode ops
+
     def __init__(self, batch: int, max_len: int, device: torch.device | str) -> None:
         self.batch, self.max_len = batch, max_len
         self.length = 0

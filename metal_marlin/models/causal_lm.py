@@ -24,6 +24,7 @@ from .checkpoint import load_transformers_checkpoint
 from .layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from .loading import load_transformers_model
 from .moe import MoEBlock, SigmoidGroupRouter, SoftmaxRouter
+from .paged_cache import PagedKVCache, PagedStep
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,19 @@ class TrellisForCausalLM(nn.Module):
         return KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, head_dim, head_dim, self.dtype,
                        self.device)
 
+    def new_paged_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A block pool of ``num_blocks`` blocks of ``block_size`` positions (``PagedKVCache``), for serving
+        many sequences; a forward goes through its ``step`` view."""
+        c = self.config
+        if self.architecture.attention == "mla":
+            return PagedKVCache(c.num_hidden_layers, num_blocks, block_size, self.dtype, self.device,
+                                latent_dim=c.kv_lora_rank + c.qk_rope_head_dim)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return PagedKVCache(c.num_hidden_layers, num_blocks, block_size, self.dtype, self.device,
+                            kv_heads=c.num_key_value_heads, head_dim=head_dim)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: CacheState | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: CacheState | PagedStep | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
         batch, steps = input_ids.shape

@@ -16,10 +16,10 @@
 #if METAL_MARLIN_X86
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "common/decode_avx2.h"
+#include "cpu/group_gemv.h"
 #include "cpu/kernels.h"
 #include "cpu/lane_order.h"
 #include "cpu/thread_pool.h"
@@ -29,12 +29,6 @@ namespace {
 
 using avx2::BlockDecoder;
 
-constexpr int64_t kGemvMaxRows = 8;           // activation rows one GEMV pass handles
-constexpr int64_t kGemvChunkedMaxRows = 16;   // above this, the GEMM path
-constexpr int64_t kGemvRowsPerTask = 16;
-// The hardware prefetcher alone leaves the GEMV waiting on memory; 2 KiB ahead of the decoder
-// (anywhere from 0.5 to 8 KiB measures the same) keeps the stream in L1.
-constexpr int kPrefetchBytes = 2048;
 constexpr int kMicroRows = 6;          // activation rows per micro-kernel call
 constexpr int64_t kTileCols = 16;      // rows of W per panel (two vectors)
 constexpr int64_t kDepth = 256;        // K slice per panel: 16 x 256 floats = 16 KiB
@@ -48,136 +42,62 @@ METAL_MARLIN_AVX2 inline float horizontal_sum(__m256 v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMV
+// GEMV (the loops are in group_gemv.h)
 
-// FMA chains per activation row. A group's accumulators restart at zero, so with one-block groups
-// out-of-order execution overlaps consecutive groups and one chain suffices; longer groups (up to
-// per-channel) need several to hide the FMA latency, as many as the registers allow.
-constexpr int gemv_chains(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }
-
-// Row n's scales (times the decoder's unit) into `scales`, and for each activation row m the offset
-// term sum_g o_g * (sum of x over group g) of the integer formats (o_g = -mid * s_g if symmetric).
-template <Format F, int M>
-METAL_MARLIN_AVX2 void prepare_row_scales(const QuantizedMatrix& w, int64_t n, const float* group_sums, float* scales,
-                                          float offset_terms[M]) {
+template <Format F, int M, int kChains>
+struct GemvLanes {
   using Decoder = BlockDecoder<F>;
-  constexpr bool kInteger = FormatTraits<F>::kInteger;
-  const int64_t n_groups = w.groups_per_row();
-  const uint16_t* row_scales = w.row_scales(n);
-  const uint16_t* row_offsets = w.row_offsets(n);
-  __m256 offset_acc[M];
-  for (int m = 0; m < M; ++m) offset_acc[m] = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= n_groups; g += 8) {
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_scales + g)));
-    _mm256_storeu_ps(scales + g, _mm256_mul_ps(s, _mm256_set1_ps(Decoder::kUnit)));
-    if constexpr (kInteger) {
-      const __m256 o = row_offsets ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_offsets + g)))
+  __m256 offsets[M];
+  __m256 chains[M][kChains];
+  __m256 totals[M];
+
+  METAL_MARLIN_AVX2 void clear_offsets() {
+    for (int m = 0; m < M; ++m) offsets[m] = _mm256_setzero_ps();
+  }
+  METAL_MARLIN_AVX2 void add_scales(const uint16_t* row_scales, const uint16_t* row_offsets, const float* group_sums,
+                                    int64_t n_groups, float* scales) {
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_scales)));
+    _mm256_storeu_ps(scales, _mm256_mul_ps(s, _mm256_set1_ps(Decoder::kUnit)));
+    if constexpr (FormatTraits<F>::kInteger) {
+      const __m256 o = row_offsets ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_offsets)))
                                    : _mm256_mul_ps(s, _mm256_set1_ps(-kSymmetricMid<F>));
       for (int m = 0; m < M; ++m) {
-        offset_acc[m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sums + m * n_groups + g), offset_acc[m]);
+        offsets[m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sums + m * n_groups), offsets[m]);
       }
     }
   }
-  for (int m = 0; m < M; ++m) offset_terms[m] = horizontal_sum(offset_acc[m]);
-  for (; g < n_groups; ++g) {
-    const float s = _cvtsh_ss(row_scales[g]);
-    scales[g] = s * Decoder::kUnit;
-    if constexpr (kInteger) {
-      const float o = row_offsets ? _cvtsh_ss(row_offsets[g]) : -kSymmetricMid<F> * s;
-      for (int m = 0; m < M; ++m) offset_terms[m] += o * group_sums[m * n_groups + g];
-    }
-  }
-}
-
-// out[:, row_begin:row_end] for M activation rows. `scratch` holds `groups` floats.
-template <Format F, int M, int kChains>
-METAL_MARLIN_AVX2 void gemv_rows(const MatmulArgs& args, const GemvInputs& in, int64_t row_begin, int64_t row_end,
-                                 float* scratch) {
-  using Decoder = BlockDecoder<F>;
-  constexpr int kBits = FormatTraits<F>::kBits;
-  const QuantizedMatrix& w = args.w;
-  const int64_t n_groups = w.groups_per_row();
-  const int64_t n_blocks = w.blocks_per_row();
-  const int64_t blocks_per_group = w.blocks_per_group();
-  float* scales = scratch;
-  const float* x = in.x.data();
-
-  for (int64_t n = row_begin; n < row_end; ++n) {
-    float offset_terms[M];
-    prepare_row_scales<F, M>(w, n, in.group_sums.data(), scales, offset_terms);
-
-    __m256 totals[M];
+  METAL_MARLIN_AVX2 float offset_sum(int m) const { return horizontal_sum(offsets[m]); }
+  METAL_MARLIN_AVX2 void clear_totals() {
     for (int m = 0; m < M; ++m) totals[m] = _mm256_setzero_ps();
-    const uint32_t* block = w.row_words(n);
-    const float* x_block = x;
-    for (int64_t g = 0; g < n_groups; ++g) {
-      __m256 acc[M][kChains];
-      for (int m = 0; m < M; ++m) {
-        for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
-      }
-      const int64_t group_blocks = std::min(blocks_per_group, n_blocks - g * blocks_per_group);  // last: shorter
-      const uint32_t* group_end = block + group_blocks * kBits;
-      do {
-        _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
-        __m256 lanes[4];
-        Decoder::decode(block, lanes);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) {
-#pragma GCC unroll 8
-          for (int m = 0; m < M; ++m) {
-            const __m256 xv = _mm256_load_ps(x_block + m * kBlockCodes + 8 * i);
-            acc[m][i % kChains] = _mm256_fmadd_ps(lanes[i], xv, acc[m][i % kChains]);
-          }
-        }
-        block += kBits;
-        x_block += M * kBlockCodes;
-      } while (block != group_end);
-      const __m256 scale = _mm256_broadcast_ss(scales + g);
-      for (int m = 0; m < M; ++m) {
-        __m256 sum = acc[m][0];
-        for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, acc[m][c]);
-        totals[m] = _mm256_fmadd_ps(sum, scale, totals[m]);
-      }
-    }
+  }
+  METAL_MARLIN_AVX2 void clear_chains() {
     for (int m = 0; m < M; ++m) {
-      const float result = horizontal_sum(totals[m]) + offset_terms[m];
-      store_outputs(args, m, n, 1, &result);
+      for (int c = 0; c < kChains; ++c) chains[m][c] = _mm256_setzero_ps();
     }
   }
-}
-
-template <Format F, int M>
-void gemv(const MatmulArgs& args, const GemvInputs& in) {
-  const int64_t n_tasks = (args.w.n + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
-  const int n_threads = plan_threads(args.n_threads, n_tasks);
-  std::vector<AlignedFloats> scratch(size_t(n_threads), AlignedFloats(args.w.groups_per_row()));
-  parallel_for(n_threads, n_tasks, [&](int64_t task, int thread) {
-    const int64_t begin = task * kGemvRowsPerTask;
-    const int64_t end = std::min(args.w.n, begin + kGemvRowsPerTask);
-    if (args.w.blocks_per_group() == 1) {
-      gemv_rows<F, M, 1>(args, in, begin, end, scratch[size_t(thread)].data());
-    } else {
-      gemv_rows<F, M, gemv_chains(M)>(args, in, begin, end, scratch[size_t(thread)].data());
+  METAL_MARLIN_AVX2 void add_block(const uint32_t* block, const float* x_block, int chain_base) {
+    __m256 lanes[4];
+    Decoder::decode(block, lanes);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_load_ps(x_block + m * kBlockCodes + 8 * i);
+        __m256& chain = chains[m][(chain_base + i) % kChains];
+        chain = _mm256_fmadd_ps(lanes[i], xv, chain);
+      }
     }
-  });
-}
-
-template <Format F>
-void gemv_any_rows(const MatmulArgs& args) {
-  GemvInputs in;
-  prepare_gemv_inputs<F, BlockDecoder<F>>(args, in);
-  switch (args.m) {
-    case 1: return gemv<F, 1>(args, in);
-    case 2: return gemv<F, 2>(args, in);
-    case 3: return gemv<F, 3>(args, in);
-    case 4: return gemv<F, 4>(args, in);
-    case 5: return gemv<F, 5>(args, in);
-    case 6: return gemv<F, 6>(args, in);
-    case 7: return gemv<F, 7>(args, in);
-    default: return gemv<F, 8>(args, in);
   }
-}
+  METAL_MARLIN_AVX2 void close_group(float group_scale) {
+    const __m256 scale = _mm256_set1_ps(group_scale);
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = chains[m][0];
+      for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, chains[m][c]);
+      totals[m] = _mm256_fmadd_ps(sum, scale, totals[m]);
+    }
+  }
+  METAL_MARLIN_AVX2 float total(int m) const { return horizontal_sum(totals[m]); }
+};
 
 // ---------------------------------------------------------------------------------------------
 // GEMM
@@ -343,42 +263,43 @@ void gemm(const MatmulArgs& args) {
 
 // ---------------------------------------------------------------------------------------------
 
-template <Format F>
-METAL_MARLIN_AVX2 void dequantize_rows(const QuantizedMatrix& w, float* out) {
+struct Avx2 {
+  template <Format F>
   using Decoder = BlockDecoder<F>;
-  constexpr int kBits = FormatTraits<F>::kBits;
-  const int64_t blocks_per_group = w.blocks_per_group();
-  alignas(32) float staging[kBlockCodes];
-  for (int64_t n = 0; n < w.n; ++n) {
-    const uint32_t* block = w.row_words(n);
-    float* row = out + n * w.k;
-    for (int64_t b = 0; b < w.blocks_per_row(); ++b, block += kBits) {
-      const int64_t g = b / blocks_per_group;
-      const float scale = _cvtsh_ss(w.row_scales(n)[g]);
-      __m256 weights[4];
-      avx2::decode_block_weights<F>(block, scale, group_offset<F>(w.row_offsets(n), scale, g), weights);
-      for (int i = 0; i < 4; ++i) _mm256_store_ps(staging + 8 * i, weights[i]);
-      float* dst = row + b * kBlockCodes;
-      for (int i = 0; i < 4; ++i) {
-        for (int j = 0; j < 8; ++j) dst[Decoder::lane_code(i, j)] = staging[8 * i + j];
-      }
-    }
+  static constexpr int kScaleLanes = 8;
+  static constexpr int kBlocksPerStep = 1;  // a block is 4 vectors: enough independent FMAs
+  static constexpr int gemv_chains(int m, bool one_block_groups) {
+    return one_block_groups ? 1 : group_kernels::default_gemv_chains(m);
   }
-}
+  template <Format F, int M, int kChains>
+  using GemvLanes = cpu::GemvLanes<F, M, kChains>;
+
+  template <Format F>
+  METAL_MARLIN_AVX2 static void decode_block(const uint32_t* block, float scale, float offset, float* staging) {
+    __m256 weights[4];
+    avx2::decode_block_weights<F>(block, scale, offset, weights);
+    for (int i = 0; i < 4; ++i) _mm256_store_ps(staging + 8 * i, weights[i]);
+  }
+  template <Format F, int M, int kChains>
+  METAL_MARLIN_AVX2 __attribute__((flatten)) static void gemv_rows(const MatmulArgs& args, const GemvInputs& in,
+                                                                   int64_t row_begin, int64_t row_end, float* scales) {
+    group_kernels::gemv_rows<Avx2, F, M, kChains>(args, in, row_begin, row_end, scales);
+  }
+  template <Format F>
+  METAL_MARLIN_AVX2 __attribute__((flatten)) static void dequantize_rows(const QuantizedMatrix& w, float* out) {
+    group_kernels::dequantize_rows<Avx2, F>(w, out);
+  }
+  template <Format F>
+  static void gemm(const MatmulArgs& args) {
+    cpu::gemm<F>(args);
+  }
+};
 
 }  // namespace
 
-void quant_matmul_avx2(const MatmulArgs& args) {
-  visit_format(args.w.format, [&](auto f) {
-    constexpr Format F = decltype(f)::value;
-    if (args.m > kGemvChunkedMaxRows) return gemm<F>(args);
-    gemv_in_row_chunks(args, kGemvMaxRows, [](const MatmulArgs& part) { gemv_any_rows<F>(part); });
-  });
-}
+void quant_matmul_avx2(const MatmulArgs& args) { group_kernels::quant_matmul<Avx2>(args); }
 
-void dequantize_avx2(const QuantizedMatrix& w, float* out) {
-  visit_format(w.format, [&](auto f) { dequantize_rows<decltype(f)::value>(w, out); });
-}
+void dequantize_avx2(const QuantizedMatrix& w, float* out) { group_kernels::dequantize<Avx2>(w, out); }
 
 }  // namespace metal_marlin::cpu
 

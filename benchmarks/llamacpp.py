@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -115,6 +116,16 @@ def gguf_bytes_per_token(path: Path) -> int:
     return total + row if "output.weight" not in tensors else total - int(embed.n_bytes) + row
 
 
+def measure(time_decode: Callable[[int], tuple[float, list[int]]], time_prefill: Callable[[], float], decode: int,
+            prefill_tokens: int, bytes_per_token: int) -> dict:
+    """The protocol every engine follows: one warm-up of each, then timed decode and prefill."""
+    time_prefill()
+    time_decode(8)
+    seconds, tokens = time_decode(decode)
+    return {"decode_tps": decode / seconds, "prefill_tps": prefill_tokens / time_prefill(), "tokens": tokens,
+            "bytes_per_token": bytes_per_token}
+
+
 def run_ours(engine: str, threads: int, prompt: list[int], long_prompt: list[int], decode: int) -> dict:
     torch.set_num_threads(threads)
     model = build_ours(engine)
@@ -134,11 +145,7 @@ def run_ours(engine: str, threads: int, prompt: list[int], long_prompt: list[int
             model(long, cache=cache, logits_to_keep=1)
             return time.perf_counter() - start
 
-    time_prefill()
-    time_decode(8)
-    seconds, tokens = time_decode(decode)
-    return {"decode_tps": decode / seconds, "prefill_tps": len(long_prompt) / time_prefill(), "tokens": tokens,
-            "bytes_per_token": ours_bytes_per_token(model)}
+    return measure(time_decode, time_prefill, decode, len(long_prompt), ours_bytes_per_token(model))
 
 
 def run_llama(path: Path, threads: int, prompt: list[int], long_prompt: list[int], decode: int) -> dict:
@@ -168,11 +175,7 @@ def run_llama(path: Path, threads: int, prompt: list[int], long_prompt: list[int
         llm.eval(long_prompt)
         return time.perf_counter() - start
 
-    time_prefill()
-    time_decode(8)
-    seconds, tokens = time_decode(decode)
-    return {"decode_tps": decode / seconds, "prefill_tps": len(long_prompt) / time_prefill(), "tokens": tokens,
-            "bytes_per_token": gguf_bytes_per_token(path)}
+    return measure(time_decode, time_prefill, decode, len(long_prompt), gguf_bytes_per_token(path))
 
 
 def child_main(args: argparse.Namespace) -> None:

@@ -5,13 +5,17 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "common/formats.h"
+#include "cpu/decoder_step.h"
 #include "cpu/kernels.h"
 #include "cpu/moe_experts.h"
 
@@ -225,6 +229,126 @@ uint64_t read_bandwidth_probe(const Tensor& buffer, int n_threads) {
 
 }  // namespace
 
+// The fused decode step (csrc/cpu/decoder_step.h). The Python object keeps every weight tensor it
+// was given alive; the model's modules must not be replaced while it is in use (the runtime builds
+// a new one when they are).
+class DecoderStackBinding {
+ public:
+  DecoderStackBinding(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+                      float eps)
+      : stack_({hidden, heads, kv_heads, head_dim, intermediate, eps}) {
+    constexpr const char* fn = "DecoderStack";
+    if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || intermediate <= 0) {
+      value_error(fn, "hidden, heads, kv_heads, head_dim and intermediate must be positive");
+    }
+    if (heads % kv_heads) value_error(fn, "heads=" + std::to_string(heads) + " is not a multiple of kv_heads=" +
+                                              std::to_string(kv_heads));
+    if (head_dim % 2) value_error(fn, "head_dim=" + std::to_string(head_dim) + " must be even (RoPE pairs)");
+  }
+
+  // linears: 7 tuples (name, packed, scales, offsets or None, bias or None, format, group_size) for
+  // q, k, v, o, gate, up, down.
+  void add_layer(const Tensor& input_norm, const Tensor& post_norm, const Tensor& q_norm, const Tensor& k_norm,
+                 const nb::list& linears) {
+    const std::string layer = "DecoderStack.add_layer (layer " + std::to_string(stack_.n_layers()) + ")";
+    const char* fn = layer.c_str();
+    const mm::cpu::DecoderShape& S = stack_.shape();
+    mm::cpu::DecoderLayerWeights w{};
+    w.input_norm = vector_of(fn, "input_norm", input_norm, S.hidden);
+    w.post_norm = vector_of(fn, "post_norm", post_norm, S.hidden);
+    w.q_norm = q_norm.is_valid() ? vector_of(fn, "q_norm", q_norm, S.head_dim) : nullptr;
+    w.k_norm = k_norm.is_valid() ? vector_of(fn, "k_norm", k_norm, S.head_dim) : nullptr;
+    if (nb::len(linears) != 7) value_error(fn, "linears must hold 7 entries (q, k, v, o, gate, up, down)");
+    const int64_t q_rows = S.heads * S.head_dim, kv_rows = S.kv_heads * S.head_dim;
+    const std::array<std::pair<int64_t, int64_t>, 7> shapes = {{{q_rows, S.hidden}, {kv_rows, S.hidden},
+                                                                {kv_rows, S.hidden}, {S.hidden, q_rows},
+                                                                {S.intermediate, S.hidden}, {S.intermediate, S.hidden},
+                                                                {S.hidden, S.intermediate}}};
+    mm::cpu::DecoderLinear* slots[7] = {&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down};
+    for (size_t i = 0; i < 7; ++i) *slots[i] = linear(fn, nb::cast<nb::tuple>(linears[i]), shapes[i]);
+    stack_.add_layer(w);
+  }
+
+  void decode(const Tensor& hidden, const Tensor& cos, const Tensor& sin, const Tensor& key_mask, const Tensor& keys,
+              const Tensor& values, int64_t start, float scaling, int n_threads) {
+    constexpr const char* fn = "DecoderStack.decode";
+    using Code = nb::dlpack::dtype_code;
+    const mm::cpu::DecoderShape& S = stack_.shape();
+    check_dtype(fn, "hidden", hidden, Code::Float, 32, "float32");
+    if (hidden.ndim() != 2 || int64_t(hidden.shape(1)) != S.hidden) {
+      value_error(fn, "hidden must be [batch, " + std::to_string(S.hidden) + "], got " + shape_string(hidden));
+    }
+    const int64_t batch = int64_t(hidden.shape(0));
+    if (batch < 1 || batch > mm::cpu::DecoderStack::kMaxBatch) {
+      value_error(fn, "batch must be 1.." + std::to_string(mm::cpu::DecoderStack::kMaxBatch) + ", got " +
+                          std::to_string(batch));
+    }
+    check_dtype(fn, "key_mask", key_mask, Code::Bool, 8, "bool");
+    if (key_mask.ndim() != 2 || int64_t(key_mask.shape(0)) != batch) {
+      value_error(fn, "key_mask must be [batch, max_len], got " + shape_string(key_mask));
+    }
+    const int64_t max_len = int64_t(key_mask.shape(1));
+    for (auto [name, t] : {std::pair{"cos", &cos}, std::pair{"sin", &sin}}) {
+      check_dtype(fn, name, *t, Code::Float, 32, "float32");
+      check_shape(fn, name, *t, {batch, S.head_dim});
+    }
+    const std::vector<int64_t> cache_shape = {stack_.n_layers(), batch, S.kv_heads, max_len, S.head_dim};
+    for (auto [name, t] : {std::pair{"keys", &keys}, std::pair{"values", &values}}) {
+      check_dtype(fn, name, *t, Code::Float, 32, "float32");
+      check_shape(fn, name, *t, cache_shape);
+    }
+    if (start < 0 || start >= max_len) {
+      value_error(fn, "start=" + std::to_string(start) + " must be in [0, " + std::to_string(max_len) + ")");
+    }
+    check_threads(fn, n_threads);
+    const mm::cpu::DecodeStepArgs args{static_cast<float*>(hidden.data()),
+                                       static_cast<const float*>(cos.data()),
+                                       static_cast<const float*>(sin.data()),
+                                       static_cast<const uint8_t*>(key_mask.data()),
+                                       static_cast<float*>(keys.data()),
+                                       static_cast<float*>(values.data()),
+                                       batch,
+                                       max_len,
+                                       start,
+                                       scaling,
+                                       n_threads};
+    nb::gil_scoped_release release;
+    stack_.decode(args);
+  }
+
+  int64_t n_layers() const { return stack_.n_layers(); }
+
+ private:
+  const float* vector_of(const char* fn, const char* name, const Tensor& t, int64_t size) {
+    check_dtype(fn, name, t, nb::dlpack::dtype_code::Float, 32, "float32");
+    check_shape(fn, name, t, {size});
+    kept_.push_back(t);
+    return static_cast<const float*>(t.data());
+  }
+
+  mm::cpu::DecoderLinear linear(const char* fn, const nb::tuple& entry, std::pair<int64_t, int64_t> shape) {
+    if (nb::len(entry) != 7) value_error(fn, "each linear is (name, packed, scales, offsets, bias, format, group_size)");
+    const std::string name = nb::cast<std::string>(entry[0]);
+    const std::string where = std::string(fn) + " " + name;
+    const auto optional = [](nb::handle h) { return h.is_none() ? Tensor() : nb::cast<Tensor>(h); };
+    const Tensor packed = nb::cast<Tensor>(entry[1]), scales = nb::cast<Tensor>(entry[2]);
+    const Tensor offsets = optional(entry[3]), bias = optional(entry[4]);
+    const mm::Format format = parse_format(where.c_str(), nb::cast<std::string>(entry[5]));
+    const mm::QuantizedMatrix w =
+        quantized_matrix(where.c_str(), format, shape.second, nb::cast<int64_t>(entry[6]), packed, scales, offsets);
+    if (w.n != shape.first) {
+      value_error(where.c_str(), "has " + std::to_string(w.n) + " output rows, expected " + std::to_string(shape.first));
+    }
+    for (const Tensor& t : {packed, scales, offsets}) {
+      if (t.is_valid()) kept_.push_back(t);
+    }
+    return {w, bias.is_valid() ? vector_of(where.c_str(), "bias", bias, w.n) : nullptr};
+  }
+
+  mm::cpu::DecoderStack stack_;
+  std::vector<Tensor> kept_;
+};
+
 NB_MODULE(_core, m) {
   m.doc() = "metal-marlin C++ kernels (CPU)";
 
@@ -242,13 +366,28 @@ NB_MODULE(_core, m) {
 #endif
   // ---- end Metal ----
 
+  nb::class_<DecoderStackBinding>(m, "DecoderStack",
+                                  "The fused decode step of a dense GQA decoder stack (csrc/cpu/decoder_step.h).")
+      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, float>(), "hidden"_a, "heads"_a, "kv_heads"_a,
+           "head_dim"_a, "intermediate"_a, "eps"_a)
+      .def("add_layer", &DecoderStackBinding::add_layer, "input_norm"_a.noconvert(), "post_norm"_a.noconvert(),
+           "q_norm"_a.noconvert().none(), "k_norm"_a.noconvert().none(), "linears"_a,
+           "Appends a layer: norms (float32) and 7 linears (name, packed, scales, offsets, bias, format, "
+           "group_size) for q, k, v, o, gate, up, down.")
+      .def("decode", &DecoderStackBinding::decode, "hidden"_a.noconvert(), "cos"_a.noconvert(), "sin"_a.noconvert(),
+           "key_mask"_a.noconvert(), "keys"_a.noconvert(), "values"_a.noconvert(), "start"_a, "scaling"_a,
+           "n_threads"_a,
+           "One token per sequence through every layer, in place on hidden [batch, hidden]; writes the new "
+           "keys/values at cache position start.")
+      .def_prop_ro("n_layers", &DecoderStackBinding::n_layers);
+
   m.def("simd_level", &mm::cpu::simd_level,
-        "The CPU kernel path in effect: 'avx512', 'avx2' or 'scalar'. The process starts on the best "
+        "The CPU kernel path in effect: 'avx512_vnni', 'avx512', 'avx2' or 'scalar'. The process starts on the best "
         "path the CPU supports; set_simd_level changes it.");
 
   m.def("set_simd_level", &mm::cpu::set_simd_level, "level"_a,
         "Switches the CPU kernel path for the whole process: 'auto' (the best this CPU supports), "
-        "'avx512', 'avx2' or 'scalar'. Returns the previous level (pass it back to restore). Raises "
+        "'avx512_vnni', 'avx512', 'avx2' or 'scalar'. Returns the previous level (pass it back to restore). Raises "
         "ValueError for an unknown name or a path this CPU cannot run.");
 
   m.def("read_bandwidth_probe", &read_bandwidth_probe, "buffer"_a.noconvert(), "n_threads"_a,

@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "common/simd.h"
+#include "cpu/gemv.h"
+#include "cpu/group_gemv.h"
 #include "cpu/kernels.h"
 
 #if METAL_MARLIN_X86
@@ -22,7 +24,7 @@ SimdLevel detect_simd_level() {
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)) return SimdLevel::kScalar;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
-    return SimdLevel::kAvx512;
+    return cpu_has_avx512_vnni() ? SimdLevel::kAvx512Vnni : SimdLevel::kAvx512;
   }
   return SimdLevel::kAvx2;
 #else
@@ -46,6 +48,7 @@ SimdLevel current_simd_level() { return level_in_effect().load(std::memory_order
 
 const char* simd_level_name(SimdLevel level) {
   switch (level) {
+    case SimdLevel::kAvx512Vnni: return "avx512_vnni";
     case SimdLevel::kAvx512: return "avx512";
     case SimdLevel::kAvx2: return "avx2";
     case SimdLevel::kScalar: break;
@@ -59,6 +62,8 @@ std::string set_simd_level(const std::string& name) {
   SimdLevel level;
   if (name == "auto") {
     level = best_simd_level();
+  } else if (name == "avx512_vnni") {
+    level = SimdLevel::kAvx512Vnni;
   } else if (name == "avx512") {
     level = SimdLevel::kAvx512;
   } else if (name == "avx2") {
@@ -67,7 +72,7 @@ std::string set_simd_level(const std::string& name) {
     level = SimdLevel::kScalar;
   } else {
     throw std::invalid_argument("set_simd_level: unknown level '" + name +
-                                "'; expected 'auto', 'avx512', 'avx2' or 'scalar'");
+                                "'; expected 'auto', 'avx512_vnni', 'avx512', 'avx2' or 'scalar'");
   }
   if (level > best_simd_level()) {
     throw std::invalid_argument("set_simd_level: this CPU cannot run '" + name + "' (best: '" +
@@ -76,7 +81,9 @@ std::string set_simd_level(const std::string& name) {
   return simd_level_name(level_in_effect().exchange(level));
 }
 
-void quant_matmul(const MatmulArgs& args) {
+namespace {
+
+void run_quant_matmul(const MatmulArgs& args, bool integer_gemv) {
   if (args.m == 0 || args.w.n == 0) return;
   if (args.w.k == 0) {  // an empty sum: out = bias
     const std::vector<float> zeros(size_t(args.w.n), 0.0f);
@@ -85,6 +92,12 @@ void quant_matmul(const MatmulArgs& args) {
   }
   switch (current_simd_level()) {
 #if METAL_MARLIN_X86
+    case SimdLevel::kAvx512Vnni:
+      if (integer_gemv && args.m <= group_kernels::kGemvChunkedMaxRows &&
+          gemv_uses_vnni(SimdLevel::kAvx512Vnni, args.w.format)) {
+        return quant_matmul_vnni_gemv(args);
+      }
+      return quant_matmul_avx512(args);
     case SimdLevel::kAvx512: return quant_matmul_avx512(args);
     case SimdLevel::kAvx2: return quant_matmul_avx2(args);
 #endif
@@ -92,9 +105,16 @@ void quant_matmul(const MatmulArgs& args) {
   }
 }
 
+}  // namespace
+
+void quant_matmul(const MatmulArgs& args) { run_quant_matmul(args, true); }
+
+void quant_matmul_float_activations(const MatmulArgs& args) { run_quant_matmul(args, false); }
+
 void dequantize(const QuantizedMatrix& w, float* out) {
   switch (current_simd_level()) {
 #if METAL_MARLIN_X86
+    case SimdLevel::kAvx512Vnni:
     case SimdLevel::kAvx512: return dequantize_avx512(w, out);
     case SimdLevel::kAvx2: return dequantize_avx2(w, out);
 #endif

@@ -156,6 +156,48 @@ void gemv_any_rows(const MatmulArgs& args) {
   }
 }
 
+// The row-range entry points of gemv.h: x [m, w.k] float32 prepared once, then any range of rows
+// into out [m, w.n] float32 (no bias), from any thread.
+template <class Isa>
+void prepare_float_gemv(const QuantizedMatrix& w, const float* x, int64_t m, GemvInputs& in) {
+  const MatmulArgs args{w, x, DType::kFloat32, m, nullptr, nullptr, 1};
+  visit_format(w.format, [&](auto f) {
+    constexpr Format F = decltype(f)::value;
+    prepare_gemv_inputs<F, typename Isa::template Decoder<F>>(args, in);
+  });
+}
+
+template <class Isa, Format F, int M>
+void float_gemv_rows_m(const MatmulArgs& args, const GemvInputs& in, int64_t begin, int64_t end) {
+  thread_local AlignedFloats scales;
+  scales.reserve_zeroed(args.w.groups_per_row());
+  if (args.w.blocks_per_group() == 1) {
+    Isa::template gemv_rows<F, M, Isa::gemv_chains(M, true)>(args, in, begin, end, scales.data());
+  } else {
+    Isa::template gemv_rows<F, M, Isa::gemv_chains(M, false)>(args, in, begin, end, scales.data());
+  }
+}
+
+template <class Isa>
+void float_gemv_rows(const QuantizedMatrix& w, const GemvInputs& in, int64_t m, int64_t begin, int64_t end,
+                     float* out) {
+  const MatmulArgs args{w, nullptr, DType::kFloat32, m, nullptr, out, 1};
+  visit_format(w.format, [&](auto f) {
+    constexpr Format F = decltype(f)::value;
+    static_assert(kGemvMaxRows == 8, "the cases cover M = 1..8");
+    switch (m) {
+      case 1: return float_gemv_rows_m<Isa, F, 1>(args, in, begin, end);
+      case 2: return float_gemv_rows_m<Isa, F, 2>(args, in, begin, end);
+      case 3: return float_gemv_rows_m<Isa, F, 3>(args, in, begin, end);
+      case 4: return float_gemv_rows_m<Isa, F, 4>(args, in, begin, end);
+      case 5: return float_gemv_rows_m<Isa, F, 5>(args, in, begin, end);
+      case 6: return float_gemv_rows_m<Isa, F, 6>(args, in, begin, end);
+      case 7: return float_gemv_rows_m<Isa, F, 7>(args, in, begin, end);
+      default: return float_gemv_rows_m<Isa, F, 8>(args, in, begin, end);
+    }
+  });
+}
+
 template <class Isa, Format F>
 void dequantize_rows(const QuantizedMatrix& w, float* out) {
   using Decoder = typename Isa::template Decoder<F>;

@@ -23,18 +23,22 @@ struct MatmulArgs {
 
 // The kernel paths, slowest to fastest. The process starts on the best one the CPU supports;
 // set_simd_level switches (tests run every path in one process, benchmarks compare them).
-enum class SimdLevel { kScalar, kAvx2, kAvx512 };
+// kAvx512Vnni is kAvx512 plus the integer GEMV of gemv_vnni.cpp for int4/int8 weights (decode).
+enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni };
 
 SimdLevel best_simd_level();          // what this CPU (and OS) can run
 SimdLevel current_simd_level();       // the path in effect
 const char* simd_level_name(SimdLevel level);
 const char* simd_level();             // name of the path in effect
-// Sets the path by name ("auto" = best_simd_level(), "avx512", "avx2", "scalar") and returns the
+// Sets the path by name ("auto" = best_simd_level(), "avx512_vnni", "avx512", "avx2", "scalar") and returns the
 // previous name. Throws std::invalid_argument for an unknown name or a path this CPU cannot run.
 std::string set_simd_level(const std::string& name);
 
 // Entry points: run the path in effect.
 void quant_matmul(const MatmulArgs& args);
+// The same without the integer GEMV of the avx512_vnni path (float32 activations throughout): for
+// callers whose tests bound the error of exact float products (the MoE experts).
+void quant_matmul_float_activations(const MatmulArgs& args);
 void dequantize(const QuantizedMatrix& w, float* out);  // out: [n, k] float32
 
 // Reads all `bytes` bytes at `data` once with the widest loads of the path in effect, split over
@@ -95,22 +99,29 @@ void gemv_in_row_chunks(const MatmulArgs& args, int64_t max_rows, Gemv&& gemv) {
   }
 }
 
-// A float buffer whose data() is 64-byte aligned (for aligned vector loads and whole cache lines).
-class AlignedFloats {
+// A zero-filled buffer whose data() is 64-byte aligned (for aligned vector loads and whole cache lines).
+template <class T>
+class AlignedBuffer {
  public:
-  AlignedFloats() = default;
-  explicit AlignedFloats(int64_t size) { resize(size); }
-  void resize(int64_t size) { storage_.assign(size_t(size) + kAlign / sizeof(float), 0.0f); }
-  float* data() { return align(storage_.data()); }
-  const float* data() const { return align(const_cast<float*>(storage_.data())); }
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(int64_t size) { resize(size); }
+  void resize(int64_t size) { storage_.assign(size_t(size) + kAlign / sizeof(T), T(0)); }
+  // Grows (zero-filling everything) only when `size` is larger than the capacity: for scratch reused
+  // across calls without allocating.
+  void reserve_zeroed(int64_t size) {
+    if (size_t(size) + kAlign / sizeof(T) > storage_.size()) resize(size);
+  }
+  T* data() { return align(storage_.data()); }
+  const T* data() const { return align(const_cast<T*>(storage_.data())); }
 
  private:
   static constexpr uintptr_t kAlign = 64;
-  static float* align(float* p) {
+  static T* align(T* p) {
     const auto address = reinterpret_cast<uintptr_t>(p);
-    return p + ((kAlign - address % kAlign) % kAlign) / sizeof(float);
+    return p + ((kAlign - address % kAlign) % kAlign) / sizeof(T);
   }
-  std::vector<float> storage_;
+  std::vector<T> storage_;
 };
+using AlignedFloats = AlignedBuffer<float>;
 
 }  // namespace metal_marlin::cpu

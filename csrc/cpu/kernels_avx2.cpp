@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/decode_avx2.h"
+#include "cpu/gemv.h"
 #include "cpu/group_gemv.h"
 #include "cpu/kernels.h"
 #include "cpu/lane_order.h"
@@ -300,6 +301,15 @@ struct Avx2 {
 void quant_matmul_avx2(const MatmulArgs& args) { group_kernels::quant_matmul<Avx2>(args); }
 
 void dequantize_avx2(const QuantizedMatrix& w, float* out) { group_kernels::dequantize<Avx2>(w, out); }
+
+void prepare_gemv_avx2(const QuantizedMatrix& w, const float* x, int64_t m, GemvInputs& in) {
+  group_kernels::prepare_float_gemv<Avx2>(w, x, m, in);
+}
+
+void gemv_rows_avx2(const QuantizedMatrix& w, const GemvInputs& in, int64_t m, int64_t row_begin, int64_t row_end,
+                    float* out) {
+  group_kernels::float_gemv_rows<Avx2>(w, in, m, row_begin, row_end, out);
+}
 
 }  // namespace metal_marlin::cpu
 

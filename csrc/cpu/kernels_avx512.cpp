@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/decode_avx512.h"
+#include "cpu/gemv.h"
 #include "cpu/group_gemv.h"
 #include "cpu/kernels.h"
 #include "cpu/lane_order.h"
@@ -274,6 +275,15 @@ struct Avx512 {
 void quant_matmul_avx512(const MatmulArgs& args) { group_kernels::quant_matmul<Avx512>(args); }
 
 void dequantize_avx512(const QuantizedMatrix& w, float* out) { group_kernels::dequantize<Avx512>(w, out); }
+
+void prepare_gemv_avx512(const QuantizedMatrix& w, const float* x, int64_t m, GemvInputs& in) {
+  group_kernels::prepare_float_gemv<Avx512>(w, x, m, in);
+}
+
+void gemv_rows_avx512(const QuantizedMatrix& w, const GemvInputs& in, int64_t m, int64_t row_begin, int64_t row_end,
+                    float* out) {
+  group_kernels::float_gemv_rows<Avx512>(w, in, m, row_begin, row_end, out);
+}
 
 }  // namespace metal_marlin::cpu
 

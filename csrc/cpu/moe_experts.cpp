@@ -101,14 +101,14 @@ void moe_experts(const MoeExpertsArgs& args) {
         convert_to_float(static_cast<const char*>(args.hidden) + size_t(token) * in_row_bytes, args.dtype, hidden,
                          rows.data() + r * hidden);
       }
-      quant_matmul({w_gate_up, rows.data(), DType::kFloat32, m, nullptr, gate_up.data(), args.n_threads});
+      quant_matmul_float_activations({w_gate_up, rows.data(), DType::kFloat32, m, nullptr, gate_up.data(), args.n_threads});
       parallel_for(plan_threads(args.n_threads, m), m, [&](int64_t r, int) {
         const float* gate = gate_up.data() + r * 2 * inter;
         const float* up = gate + inter;
         float* out = act.data() + r * inter;
         for (int64_t j = 0; j < inter; ++j) out[j] = silu(gate[j]) * up[j];
       });
-      quant_matmul({w_down, act.data(), DType::kFloat32, m, nullptr, rows.data(), args.n_threads});
+      quant_matmul_float_activations({w_down, act.data(), DType::kFloat32, m, nullptr, rows.data(), args.n_threads});
       for (int64_t r = 0; r < m; ++r) {
         const float weight = args.top_k_weights[pairs[r]];
         const float* y = rows.data() + r * hidden;

@@ -1,0 +1,252 @@
+#include "cpu/decoder_step.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+
+#include "common/simd.h"
+#include "cpu/thread_pool.h"
+
+namespace metal_marlin::cpu {
+namespace {
+
+constexpr int64_t kRowsPerTask = 16;
+
+// The two vector loops of attention (head_dim long), AVX-512 when the path in effect allows.
+#if METAL_MARLIN_X86
+METAL_MARLIN_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+METAL_MARLIN_AVX512 void axpy_avx512(float alpha, const float* x, int64_t n, float* y) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+#endif
+
+bool vector_loops_avx512() {
+#if METAL_MARLIN_X86
+  return current_simd_level() >= SimdLevel::kAvx512;
+#else
+  return false;
+#endif
+}
+
+float dot(const float* a, const float* b, int64_t n, bool avx512) {
+#if METAL_MARLIN_X86
+  if (avx512) return dot_avx512(a, b, n);
+#endif
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+void axpy(float alpha, const float* x, int64_t n, float* y, bool avx512) {
+#if METAL_MARLIN_X86
+  if (avx512) return axpy_avx512(alpha, x, n, y);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// x (one head, in place): optional RMSNorm with `norm` weights, then RoPE with the two halves as the
+// rotated pairs (models/layers.py: rotate_half_pairs).
+void norm_and_rotate(float* x, int64_t dim, const float* norm, float eps, const float* cos, const float* sin) {
+  if (norm) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < dim; ++i) sum += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(sum / float(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) x[i] = norm[i] * (x[i] * inv);
+  }
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+// Activations prepared once for each distinct (format, group size) among `ws`, which all read x.
+template <size_t N>
+std::array<const GemvActivations*, N> prepare_inputs(const std::array<const QuantizedMatrix*, N>& ws,
+                                                     const float* x, int64_t m, GemvActivations* slots) {
+  std::array<const GemvActivations*, N> used{};
+  for (size_t i = 0; i < N; ++i) {
+    for (size_t j = 0; j < i && !used[i]; ++j) {
+      if (ws[j]->format == ws[i]->format && ws[j]->group_size == ws[i]->group_size) used[i] = used[j];
+    }
+    if (!used[i]) {
+      prepare_gemv(*ws[i], x, m, slots[i]);
+      used[i] = &slots[i];
+    }
+  }
+  return used;
+}
+
+int64_t row_tasks(int64_t rows) { return (rows + kRowsPerTask - 1) / kRowsPerTask; }
+
+// Rows [begin, end) of `linear` for all activation rows into out [m, n], plus the bias.
+void linear_rows(const DecoderLinear& linear, const GemvActivations& x, int64_t begin, int64_t end, float* out) {
+  gemv_rows(linear.w, x, begin, end, out);
+  if (linear.bias) {
+    for (int64_t i = 0; i < x.m; ++i) {
+      for (int64_t r = begin; r < end; ++r) out[i * linear.w.n + r] += linear.bias[r];
+    }
+  }
+}
+
+}  // namespace
+
+void DecoderStack::rms_norm(const float* x, const float* weight, int64_t rows, float* out) const {
+  const int64_t h = shape_.hidden;
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* xr = x + b * h;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < h; ++i) sum += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(sum / float(h) + shape_.eps);
+    for (int64_t i = 0; i < h; ++i) out[b * h + i] = weight[i] * (xr[i] * inv);
+  }
+}
+
+// Query head `head` of sequence b: its new key/value are q_/k_/v_ (rotated in place by the first
+// query head of the group, which also writes them to the cache); attention over the cached
+// positions [0, start) the mask allows and the new one.
+void DecoderStack::attend(const DecodeStepArgs& args, int64_t layer, int64_t b, int64_t head, float* scores) {
+  const int64_t hd = shape_.head_dim, group = shape_.heads / shape_.kv_heads, kv = head / group;
+  const bool avx512 = vector_loops_avx512();
+  const float* q = q_.data() + (b * shape_.heads + head) * hd;
+  const float* k_new = k_.data() + (b * shape_.kv_heads + kv) * hd;
+  const float* v_new = v_.data() + (b * shape_.kv_heads + kv) * hd;
+  const int64_t cache_row = ((layer * args.batch + b) * shape_.kv_heads + kv) * args.max_len;
+  const float* keys = args.keys + cache_row * hd;
+  const float* values = args.values + cache_row * hd;
+  const uint8_t* mask = args.key_mask + b * args.max_len;
+
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < args.start; ++s) {
+    if (!mask[s]) continue;
+    scores[s] = dot(q, keys + s * hd, hd, avx512) * args.scaling;
+    max_score = std::max(max_score, scores[s]);
+  }
+  const float own = dot(q, k_new, hd, avx512) * args.scaling;
+  max_score = std::max(max_score, own);
+  float* out = attn_.data() + (b * shape_.heads + head) * hd;
+  std::fill_n(out, hd, 0.0f);
+  float total = 0.0f;
+  for (int64_t s = 0; s < args.start; ++s) {
+    if (!mask[s]) continue;
+    const float p = std::exp(scores[s] - max_score);
+    total += p;
+    axpy(p, values + s * hd, hd, out, avx512);
+  }
+  const float p_own = std::exp(own - max_score);
+  total += p_own;
+  axpy(p_own, v_new, hd, out, avx512);
+  const float inv = 1.0f / total;
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const DecodeStepArgs& args) {
+  const DecoderShape& S = shape_;
+  const int64_t B = args.batch, hd = S.head_dim;
+  float* hidden = args.hidden;
+
+  // Attention: q/k/v rows over the threads.
+  rms_norm(hidden, L.input_norm, B, normed_.data());
+  const auto qkv_in = prepare_inputs<3>({&L.q.w, &L.k.w, &L.v.w}, normed_.data(), B, qkv_in_);
+  const std::array<const DecoderLinear*, 3> qkv = {&L.q, &L.k, &L.v};
+  const std::array<float*, 3> qkv_out = {q_.data(), k_.data(), v_.data()};
+  const int64_t q_tasks = row_tasks(L.q.w.n), k_tasks = row_tasks(L.k.w.n);
+  const int64_t n_qkv_tasks = q_tasks + k_tasks + row_tasks(L.v.w.n);
+  parallel_for(plan_threads(args.n_threads, n_qkv_tasks), n_qkv_tasks, [&](int64_t task, int) {
+    const int which = task < q_tasks ? 0 : task < q_tasks + k_tasks ? 1 : 2;
+    const int64_t first = which == 0 ? 0 : which == 1 ? q_tasks : q_tasks + k_tasks;
+    const int64_t begin = (task - first) * kRowsPerTask;
+    linear_rows(*qkv[which], *qkv_in[which], begin, std::min(qkv[which]->w.n, begin + kRowsPerTask),
+                qkv_out[which]);
+  });
+
+  // Norms and RoPE of the new keys (written to the cache) and queries, then attention per head.
+  for (int64_t b = 0; b < B; ++b) {
+    const float* cos = args.cos + b * hd;
+    const float* sin = args.sin + b * hd;
+    for (int64_t h = 0; h < S.heads; ++h) norm_and_rotate(q_.data() + (b * S.heads + h) * hd, hd, L.q_norm, S.eps, cos, sin);
+    for (int64_t h = 0; h < S.kv_heads; ++h) {
+      float* k = k_.data() + (b * S.kv_heads + h) * hd;
+      norm_and_rotate(k, hd, L.k_norm, S.eps, cos, sin);
+      const int64_t at = (((index * B + b) * S.kv_heads + h) * args.max_len + args.start) * hd;
+      std::copy_n(k, hd, args.keys + at);
+      std::copy_n(v_.data() + (b * S.kv_heads + h) * hd, hd, args.values + at);
+    }
+  }
+  const int64_t n_heads = B * S.heads;
+  const int attn_threads = plan_threads(args.n_threads, n_heads);
+  parallel_for(attn_threads, n_heads, [&](int64_t task, int thread) {
+    attend(args, index, task / S.heads, task % S.heads, scores_[size_t(thread)].data());
+  });
+
+  // o_proj + residual.
+  const auto o_in = prepare_inputs<1>({&L.o.w}, attn_.data(), B, &o_in_);
+  const int64_t o_tasks = row_tasks(S.hidden);
+  parallel_for(plan_threads(args.n_threads, o_tasks), o_tasks, [&](int64_t task, int) {
+    const int64_t begin = task * kRowsPerTask, end = std::min(S.hidden, begin + kRowsPerTask);
+    linear_rows(L.o, *o_in[0], begin, end, proj_.data());
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
+    }
+  });
+
+  // MLP: gate and up rows together, so a task finishes act = silu(gate) * up for its rows.
+  rms_norm(hidden, L.post_norm, B, normed_.data());
+  const auto mlp_in = prepare_inputs<2>({&L.gate.w, &L.up.w}, normed_.data(), B, mlp_in_);
+  const int64_t mlp_tasks = row_tasks(S.intermediate);
+  float* gate = gate_up_.data();
+  float* up = gate_up_.data() + B * S.intermediate;
+  parallel_for(plan_threads(args.n_threads, mlp_tasks), mlp_tasks, [&](int64_t task, int) {
+    const int64_t begin = task * kRowsPerTask, end = std::min(S.intermediate, begin + kRowsPerTask);
+    linear_rows(L.gate, *mlp_in[0], begin, end, gate);
+    linear_rows(L.up, *mlp_in[1], begin, end, up);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float g = gate[b * S.intermediate + r];
+        act_.data()[b * S.intermediate + r] = g / (1.0f + std::exp(-g)) * up[b * S.intermediate + r];
+      }
+    }
+  });
+
+  // down_proj + residual.
+  const auto down_in = prepare_inputs<1>({&L.down.w}, act_.data(), B, &down_in_);
+  parallel_for(plan_threads(args.n_threads, o_tasks), o_tasks, [&](int64_t task, int) {
+    const int64_t begin = task * kRowsPerTask, end = std::min(S.hidden, begin + kRowsPerTask);
+    linear_rows(L.down, *down_in[0], begin, end, proj_.data());
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
+    }
+  });
+}
+
+void DecoderStack::decode(const DecodeStepArgs& args) {
+  const DecoderShape& S = shape_;
+  const int64_t B = args.batch;
+  normed_.reserve_zeroed(B * S.hidden);
+  q_.reserve_zeroed(B * S.heads * S.head_dim);
+  k_.reserve_zeroed(B * S.kv_heads * S.head_dim);
+  v_.reserve_zeroed(B * S.kv_heads * S.head_dim);
+  attn_.reserve_zeroed(B * S.heads * S.head_dim);
+  proj_.reserve_zeroed(B * S.hidden);
+  act_.reserve_zeroed(B * S.intermediate);
+  gate_up_.reserve_zeroed(2 * B * S.intermediate);
+  const int threads = plan_threads(args.n_threads, B * S.heads);
+  if (int(scores_.size()) < threads) scores_.resize(size_t(threads));
+  for (auto& s : scores_) s.reserve_zeroed(args.max_len);
+  for (int64_t i = 0; i < n_layers(); ++i) run_layer(layers_[size_t(i)], i, args);
+}
+
+}  // namespace metal_marlin::cpu

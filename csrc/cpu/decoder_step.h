@@ -1,0 +1,72 @@
+// The fused decode step of a dense GQA decoder stack (llama, qwen2, qwen3): every layer of one token
+// per sequence in C++, with no Python between the layers. Per layer: RMSNorm, q/k/v (one pass over
+// their rows), optional per-head q/k RMSNorm, RoPE, the KV-cache write, attention over the cache,
+// o_proj + residual, RMSNorm, gate/up with SiLU, down_proj + residual. The matrices run through the
+// row-range GEMV of gemv.h, their rows split over the threads; the scratch is allocated once.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/quantized_matrix.h"
+#include "cpu/gemv.h"
+#include "cpu/kernels.h"
+
+namespace metal_marlin::cpu {
+
+struct DecoderLinear {
+  QuantizedMatrix w;
+  const float* bias;  // [w.n] or nullptr
+};
+
+struct DecoderLayerWeights {
+  const float* input_norm;  // [hidden]
+  const float* post_norm;   // [hidden]
+  const float* q_norm;      // [head_dim] or nullptr (qwen3 only)
+  const float* k_norm;
+  DecoderLinear q, k, v, o, gate, up, down;
+};
+
+struct DecoderShape {
+  int64_t hidden, heads, kv_heads, head_dim, intermediate;
+  float eps;
+};
+
+// One step's inputs: `batch` sequences, one new token each, written at cache position `start`.
+struct DecodeStepArgs {
+  float* hidden;             // [batch, hidden]: the embeddings in, the last layer's output out
+  const float* cos;          // [batch, head_dim] rotary tables of the new tokens
+  const float* sin;
+  const uint8_t* key_mask;   // [batch, max_len]: cached positions holding real tokens (bool)
+  float* keys;               // [layers, batch, kv_heads, max_len, head_dim]
+  float* values;
+  int64_t batch, max_len, start;
+  float scaling;             // softmax scale
+  int n_threads;
+};
+
+class DecoderStack {
+ public:
+  explicit DecoderStack(const DecoderShape& shape) : shape_(shape) {}
+  void add_layer(const DecoderLayerWeights& layer) { layers_.push_back(layer); }
+  int64_t n_layers() const { return int64_t(layers_.size()); }
+  const DecoderShape& shape() const { return shape_; }
+
+  // Runs every layer. batch <= kMaxBatch.
+  void decode(const DecodeStepArgs& args);
+  static constexpr int64_t kMaxBatch = 8;
+
+ private:
+  void run_layer(const DecoderLayerWeights& layer, int64_t index, const DecodeStepArgs& args);
+  void rms_norm(const float* x, const float* weight, int64_t rows, float* out) const;
+  void attend(const DecodeStepArgs& args, int64_t layer, int64_t b, int64_t head, float* scores);
+
+  DecoderShape shape_;
+  std::vector<DecoderLayerWeights> layers_;
+  // Scratch, sized on the first step.
+  AlignedFloats normed_, q_, k_, v_, attn_, proj_, act_, gate_up_;
+  std::vector<AlignedFloats> scores_;  // per thread: [max_len]
+  GemvActivations qkv_in_[3], o_in_, mlp_in_[2], down_in_;
+};
+
+}  // namespace metal_marlin::cpu

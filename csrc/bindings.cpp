@@ -270,7 +270,7 @@ class DecoderStackBinding {
   }
 
   void decode(const Tensor& hidden, const Tensor& cos, const Tensor& sin, const Tensor& key_mask, const Tensor& keys,
-              const Tensor& values, int64_t start, float scaling, int n_threads) {
+              const Tensor& values, int64_t start, float scaling, int n_threads, const Tensor& phase_seconds) {
     constexpr const char* fn = "DecoderStack.decode";
     using Code = nb::dlpack::dtype_code;
     const mm::cpu::DecoderShape& S = stack_.shape();
@@ -301,6 +301,10 @@ class DecoderStackBinding {
       value_error(fn, "start=" + std::to_string(start) + " must be in [0, " + std::to_string(max_len) + ")");
     }
     check_threads(fn, n_threads);
+    if (phase_seconds.is_valid()) {
+      check_dtype(fn, "phase_seconds", phase_seconds, Code::Float, 64, "float64");
+      check_shape(fn, "phase_seconds", phase_seconds, {mm::cpu::kDecodePhases});
+    }
     const mm::cpu::DecodeStepArgs args{static_cast<float*>(hidden.data()),
                                        static_cast<const float*>(cos.data()),
                                        static_cast<const float*>(sin.data()),
@@ -311,7 +315,8 @@ class DecoderStackBinding {
                                        max_len,
                                        start,
                                        scaling,
-                                       n_threads};
+                                       n_threads,
+                                       phase_seconds.is_valid() ? static_cast<double*>(phase_seconds.data()) : nullptr};
     nb::gil_scoped_release release;
     stack_.decode(args);
   }
@@ -376,9 +381,10 @@ NB_MODULE(_core, m) {
            "group_size) for q, k, v, o, gate, up, down.")
       .def("decode", &DecoderStackBinding::decode, "hidden"_a.noconvert(), "cos"_a.noconvert(), "sin"_a.noconvert(),
            "key_mask"_a.noconvert(), "keys"_a.noconvert(), "values"_a.noconvert(), "start"_a, "scaling"_a,
-           "n_threads"_a,
+           "n_threads"_a, "phase_seconds"_a.noconvert().none() = nb::none(),
            "One token per sequence through every layer, in place on hidden [batch, hidden]; writes the new "
-           "keys/values at cache position start.")
+           "keys/values at cache position start. phase_seconds (float64 [5], optional): seconds per phase "
+           "(q/k/v, attention, o_proj, gate/up, down) are added to it.")
       .def_prop_ro("n_layers", &DecoderStackBinding::n_layers);
 
   m.def("simd_level", &mm::cpu::simd_level,

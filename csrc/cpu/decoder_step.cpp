@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <limits>
 
@@ -90,6 +91,25 @@ std::array<const GemvActivations*, N> prepare_inputs(const std::array<const Quan
   return used;
 }
 
+// Adds the time since the last mark to phase `i` of `seconds` (if given).
+class PhaseClock {
+ public:
+  explicit PhaseClock(double* seconds) : seconds_(seconds), last_(seconds ? now() : 0.0) {}
+  void mark(int phase) {
+    if (!seconds_) return;
+    const double t = now();
+    seconds_[phase] += t - last_;
+    last_ = t;
+  }
+
+ private:
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  double* seconds_;
+  double last_;
+};
+
 int64_t row_tasks(int64_t rows) { return (rows + kRowsPerTask - 1) / kRowsPerTask; }
 
 // Rows [begin, end) of `linear` for all activation rows into out [m, n], plus the bias.
@@ -157,6 +177,7 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
   const DecoderShape& S = shape_;
   const int64_t B = args.batch, hd = S.head_dim;
   float* hidden = args.hidden;
+  PhaseClock clock(args.phase_seconds);
 
   // Attention: q/k/v rows over the threads.
   rms_norm(hidden, L.input_norm, B, normed_.data());
@@ -172,6 +193,8 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
     linear_rows(*qkv[which], *qkv_in[which], begin, std::min(qkv[which]->w.n, begin + kRowsPerTask),
                 qkv_out[which]);
   });
+
+  clock.mark(0);
 
   // Norms and RoPE of the new keys (written to the cache) and queries, then attention per head.
   for (int64_t b = 0; b < B; ++b) {
@@ -192,6 +215,8 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
     attend(args, index, task / S.heads, task % S.heads, scores_[size_t(thread)].data());
   });
 
+  clock.mark(1);
+
   // o_proj + residual.
   const auto o_in = prepare_inputs<1>({&L.o.w}, attn_.data(), B, &o_in_);
   const int64_t o_tasks = row_tasks(S.hidden);
@@ -202,6 +227,8 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
       for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
     }
   });
+
+  clock.mark(2);
 
   // MLP: gate and up rows together, so a task finishes act = silu(gate) * up for its rows.
   rms_norm(hidden, L.post_norm, B, normed_.data());
@@ -221,6 +248,8 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
     }
   });
 
+  clock.mark(3);
+
   // down_proj + residual.
   const auto down_in = prepare_inputs<1>({&L.down.w}, act_.data(), B, &down_in_);
   parallel_for(plan_threads(args.n_threads, o_tasks), o_tasks, [&](int64_t task, int) {
@@ -230,6 +259,7 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
       for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
     }
   });
+  clock.mark(4);
 }
 
 void DecoderStack::decode(const DecodeStepArgs& args) {

@@ -43,7 +43,11 @@ struct DecodeStepArgs {
   int64_t batch, max_len, start;
   float scaling;             // softmax scale
   int n_threads;
+  // If not null, seconds spent per phase are added to it: [0] q/k/v, [1] attention (norms, RoPE, cache
+  // write, softmax), [2] o_proj, [3] gate/up + SiLU, [4] down_proj (benchmarks/llamacpp.py --profile).
+  double* phase_seconds = nullptr;
 };
+inline constexpr int kDecodePhases = 5;
 
 class DecoderStack {
  public:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,13 @@ def test_decoder_stack_rejects_bad_input():
         stack.decode(torch.zeros(9, c.hidden_size), rope, rope, mask, cache, cache, 0, 1.0, 1)
     with pytest.raises(ValueError, match="n_threads"):
         stack.decode(hidden, rope, rope, mask, cache, cache, 0, 1.0, 0)
+    with pytest.raises(TypeError, match="phase_seconds must be float64"):
+        stack.decode(hidden, rope, rope, mask, cache, cache, 0, 1.0, 1, torch.zeros(5))
+    phases = torch.zeros(5, dtype=torch.float64)
+    start = time.perf_counter()
+    stack.decode(hidden, rope, rope, mask, cache, cache, 0, 1.0, 1, phases)
+    wall = time.perf_counter() - start
+    assert (phases > 0).all() and phases.sum() <= wall
     layer = ours.model.layers[0]
     q = layer.self_attn.q_proj
     wrong = ("model.layers.0.self_attn.q_proj", q.packed[:-1], q.scales[:-1], q.offsets[:-1], None, q.format,

@@ -33,6 +33,44 @@ METAL_MARLIN_AVX512 void axpy_avx512(float alpha, const float* x, int64_t n, flo
 }
 #endif
 
+#if METAL_MARLIN_X86
+// Attention of one query head with head_dim = 16 * C, the output accumulated in registers.
+template <int C>
+METAL_MARLIN_AVX512 void attend_head_avx512(const float* q, const float* keys, const float* values,
+                                            const uint8_t* mask, int64_t start, const float* k_new,
+                                            const float* v_new, float scaling, float* scores, float* out) {
+  constexpr int64_t hd = 16 * C;
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scaling));
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < start; ++s) {
+    if (!mask[s]) continue;
+    const float* k = keys + s * hd;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+    for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
+    scores[s] = _mm512_reduce_add_ps(acc);
+    max_score = std::max(max_score, scores[s]);
+  }
+  __m512 own_acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k_new));
+  for (int c = 1; c < C; ++c) own_acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k_new + 16 * c), own_acc);
+  const float own = _mm512_reduce_add_ps(own_acc);
+  max_score = std::max(max_score, own);
+  __m512 acc[C];
+  const float p_own = std::exp(own - max_score);
+  float total = p_own;
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_mul_ps(_mm512_set1_ps(p_own), _mm512_loadu_ps(v_new + 16 * c));
+  for (int64_t s = 0; s < start; ++s) {
+    if (!mask[s]) continue;
+    const float p = std::exp(scores[s] - max_score);
+    total += p;
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(values + s * hd + 16 * c), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / total);
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
+}
+#endif
+
 bool vector_loops_avx512() {
 #if METAL_MARLIN_X86
   return current_simd_level() >= SimdLevel::kAvx512;
@@ -148,6 +186,13 @@ void DecoderStack::attend(const DecodeStepArgs& args, int64_t layer, int64_t b, 
   const float* keys = args.keys + cache_row * hd;
   const float* values = args.values + cache_row * hd;
   const uint8_t* mask = args.key_mask + b * args.max_len;
+  float* out = attn_.data() + (b * shape_.heads + head) * hd;
+#if METAL_MARLIN_X86
+  if (avx512 && (hd == 64 || hd == 128)) {
+    const auto run = hd == 64 ? attend_head_avx512<4> : attend_head_avx512<8>;
+    return run(q, keys, values, mask, args.start, k_new, v_new, args.scaling, scores, out);
+  }
+#endif
 
   float max_score = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < args.start; ++s) {
@@ -157,7 +202,6 @@ void DecoderStack::attend(const DecodeStepArgs& args, int64_t layer, int64_t b, 
   }
   const float own = dot(q, k_new, hd, avx512) * args.scaling;
   max_score = std::max(max_score, own);
-  float* out = attn_.data() + (b * shape_.heads + head) * hd;
   std::fill_n(out, hd, 0.0f);
   float total = 0.0f;
   for (int64_t s = 0; s < args.start; ++s) {

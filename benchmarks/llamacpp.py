@@ -3,7 +3,8 @@ SmolLM2-135M-Instruct Q4_1 GGUF, with the share of the memory-bandwidth ceiling 
 
 Engines (one subprocess per engine and run, runs alternating between engines; 1 and 2 threads):
   ours int4 g32        the GGUF's Q4_1 matrices imported without requantization (``MetalQuantizedLinear``);
-                       embeddings and the tied output head dequantized to fp32, as the importer does
+                       the tied Q8_0 embedding kept as int8 g32, shared by the lookup and the output head;
+                       decode steps run fused in C++ (``_core.DecoderStack``)
   llama.cpp Q4_1       the same GGUF file
   llama.cpp Q4_0       a requantization of it by ``llama_model_quantize`` (cached under build/llamacpp/)
   ours trellis K=4, 3  every quantized matrix replaced by a trellis layer holding RANDOM codes of the right
@@ -56,15 +57,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
 
-from metal_marlin import _core
 from metal_marlin.models import TrellisForCausalLM
-from metal_marlin.models.attention import GQAAttention
 from metal_marlin.models.gguf import build_model_from_gguf, read_gguf
-from metal_marlin.models.layers import RMSNorm, SwiGLUMLP
 from metal_marlin.models.loading import embedded_model_path
-from metal_marlin.nn import MetalQuantizedLinear
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR.parent / "build" / "llamacpp"
@@ -97,11 +93,14 @@ def build_ours(engine: str) -> TrellisForCausalLM:
 def ours_bytes_per_token(model: TrellisForCausalLM) -> int:
     """Every parameter and buffer once (tied tensors once), the token embedding as one row unless it is
     also the output head."""
-    total = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    embed = model.model.embed_tokens.weight
-    row = embed.nbytes // embed.shape[0]
-    tied = model.lm_head.weight.data_ptr() == embed.data_ptr()
-    return total + row if tied else total - embed.nbytes + row
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    total = sum(t.nbytes for t in tensors.values())
+    embed_tensors = list(model.model.embed_tokens.buffers()) or list(model.model.embed_tokens.parameters())
+    embed = sum(t.nbytes for t in embed_tensors)
+    row = embed // model.config.vocab_size
+    head = {t.data_ptr() for t in (*model.lm_head.parameters(), *model.lm_head.buffers())}
+    tied = bool(head) and head <= {t.data_ptr() for t in embed_tensors}
+    return total + row if tied else total - embed + row
 
 
 def gguf_bytes_per_token(path: Path) -> int:
@@ -194,89 +193,87 @@ def child_main(args: argparse.Namespace) -> None:
 
 # -- the profile of one decode step of ours ---------------------------------------------------------------
 
-QUANT_MATMUL = "metal_marlin::quant_matmul"
-PROFILE_RANGES = {RMSNorm: "norms", GQAAttention: "attention (rope, cache, sdpa)", SwiGLUMLP: "mlp (silu, mul)"}
+PHASES = ("q/k/v GEMV", "attention (norms, RoPE, cache write, softmax)", "o_proj GEMV + residual",
+          "gate/up GEMV + SiLU", "down_proj GEMV + residual")
+PHASE_MATRICES = (("q_proj", "k_proj", "v_proj"), (), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def label_modules(model: TrellisForCausalLM) -> None:
-    """Open a profiler range around every norm, attention, MLP and the output head; ops inside are charged
-    to it (the quantized projections inside attention and MLP are charged to quant_matmul instead)."""
-    open_ranges = []
-    for name, mod in model.named_modules():
-        label = "lm_head (fp32 F.linear)" if name == "lm_head" else PROFILE_RANGES.get(type(mod))
-        if label is None:
-            continue
-        mod.register_forward_pre_hook(lambda m, a, label=label: open_ranges.append(record_function(label).__enter__()))
-        mod.register_forward_hook(lambda m, a, out: open_ranges.pop().__exit__(None, None, None))
-
-
-def category(event, labels: set[str]) -> str | None:
-    """The category of a top-level op (None for ranges and for ops nested in another op)."""
-    if event.name in labels:
-        return None
-    parent, enclosing = event.cpu_parent, None
-    while parent is not None:
-        if parent.name not in labels:
-            return None
-        enclosing = enclosing or parent.name
-        parent = parent.cpu_parent
-    return "quant_matmul" if event.name == QUANT_MATMUL else (enclosing or "other (embedding, residual, sampling)")
-
-
-def profile_main(threads: int, bandwidth: float, prompt: list[int], steps: int = 32) -> None:
+def profile_main(threads: int, bandwidth: float, prompt: list[int], steps: int = 64) -> None:
+    """One decode step of ours int4 taken apart: the same work as ``forward`` + greedy sampling, each part
+    timed, the fused layers per phase (``DecoderStack.decode``'s phase timings)."""
     torch.set_num_threads(threads)
     model = build_ours("ours-int4")
-    label_modules(model)
-    labels = {*PROFILE_RANGES.values(), "lm_head (fp32 F.linear)"}
-    stream = model.generate_stream(torch.tensor([prompt]), max_new_tokens=1 + 8 + 2 * steps, stop_token_ids=[])
+    stream = model.generate_stream(torch.tensor([prompt]), max_new_tokens=1 + 8 + steps, stop_token_ids=[])
     for _ in range(9):  # prefill and warm-up
         next(stream)
     start = time.perf_counter()
     for _ in range(steps):
         next(stream)
-    wall = (time.perf_counter() - start) / steps * 1e6
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            next(stream)
-        wall_profiled = (time.perf_counter() - start) / steps * 1e6
-    per_category: dict[str, list[float]] = defaultdict(list)
-    per_shape: dict[tuple[int, int], list[float]] = defaultdict(list)
-    for event in prof.events():
-        cat = category(event, labels)
-        if cat is None:
-            continue
-        per_category[cat].append(event.cpu_time_total)
-        if cat == "quant_matmul":
-            rows, words = event.input_shapes[1]  # packed int4 codes [N, K / 8]
-            per_shape[(rows, words * 8)].append(event.cpu_time_total)
-    ops = sum(sum(v) for v in per_category.values()) / steps
-    print(f"ours int4 g32, {threads} thread(s), {steps} decode steps: {wall:.0f} us per step unprofiled "
-          f"({1e6 / wall:.1f} tok/s), {wall_profiled:.0f} us profiled\n")
-    print("| where | us per token | share of the unprofiled step | ops per token |\n|---|---:|---:|---:|")
-    for cat, times in sorted(per_category.items(), key=lambda kv: -sum(kv[1])):
-        total = sum(times) / steps
-        print(f"| {cat} | {total:.0f} | {100 * total / wall:.0f}% | {len(times) / steps:.0f} |")
-    print(f"| Python and dispatch between ops (unprofiled step - ops) | {wall - ops:.0f} | "
-          f"{100 * (wall - ops) / wall:.0f}% | |\n")
-    print(f"| quant_matmul NxK | calls per token | us per call in the step | op alone | _core kernel alone "
-          f"| memory floor ({bandwidth / 1e9:.1f} GB/s) |\n|---|---:|---:|---:|---:|---:|")
-    layers = {(m.out_features, m.in_features): m for m in model.modules() if isinstance(m, MetalQuantizedLinear)}
-    sys.path.insert(0, str(BENCH_DIR))
-    from gemv import median_time
+    wall = (time.perf_counter() - start) / steps
 
-    for (n, k), times in sorted(per_shape.items()):
-        layer = layers[(n, k)]
-        x, out = torch.randn(1, k), torch.empty(1, n)
-        op = median_time(lambda layer=layer, x=x: layer(x)) * 1e6
-        kernel = median_time(lambda layer=layer, x=x, out=out: _core.quant_matmul(
-            x, layer.packed, layer.scales, layer.offsets, None, out, layer.format, layer.group_size, threads)) * 1e6
-        weight_bytes = sum(t.nbytes for t in (layer.packed, layer.scales, layer.offsets))
-        print(f"| {n}x{k} | {len(times) / steps:.0f} | {statistics.median(times):.1f} | {op:.1f} | {kernel:.1f} "
-              f"| {weight_bytes / bandwidth * 1e6:.1f} |")
+    parts: dict[str, float] = defaultdict(float)
+    phases = torch.zeros(len(PHASES), dtype=torch.float64)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    scaling = model.model.layers[0].self_attn.scaling
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(prompt) + steps + 8)
+        logits = model(torch.tensor([prompt]), cache=cache, logits_to_keep=1)[:, -1]
+        stack = model._decoder_stack_for(cache)
+        for step in range(steps + 8):
+            if step == 8:  # warm-up done
+                parts.clear()
+                phases.zero_()
+            t0 = time.perf_counter()
+            token = logits.argmax(-1, keepdim=True)
+            t1 = time.perf_counter()
+            begin, positions = cache.begin(one)
+            x = model.model.embed_tokens(token)
+            cos, sin = (t.reshape(1, -1).contiguous() for t in model.model.rotary(positions, x.dtype))
+            hidden = x.reshape(1, -1).contiguous()
+            t2 = time.perf_counter()
+            stack.decode(hidden, cos, sin, cache.key_mask, cache.keys, cache.values, begin, scaling, threads, phases)
+            t3 = time.perf_counter()
+            cache.end(one)
+            normed = model.model.norm(hidden.view(1, 1, -1))
+            t4 = time.perf_counter()
+            logits = model.lm_head(normed)[:, -1]
+            t5 = time.perf_counter()
+            parts["greedy sampling (argmax)"] += t1 - t0
+            parts["embedding lookup, RoPE tables, cache bookkeeping"] += t2 - t1
+            parts["fused layers"] += t3 - t2
+            parts["final RMSNorm"] += t4 - t3
+            parts["lm_head (int8 g32 GEMV, tied to the Q8_0 embedding)"] += t5 - t4
 
+    layers = model.model.layers
+    def matrix_bytes(names: tuple[str, ...]) -> int:
+        mods = [getattr(getattr(layer, "self_attn" if n[0] in "qkvo" else "mlp"), n) for layer in layers for n in names]
+        return sum(t.nbytes for m in mods for t in (m.packed, m.scales, m.offsets) if t is not None)
 
-# -- the parent: inputs, alternation, table --------------------------------------------------------------
+    head = model.lm_head
+    head_bytes = sum(t.nbytes for t in (head.packed, head.scales, head.offsets) if t is not None)
+    print(f"ours int4 g32, {threads} thread(s), {steps} decode steps at positions {len(prompt)}-"
+          f"{len(prompt) + steps}: {wall * 1e6:.0f} us per step in generate ({1 / wall:.1f} tok/s)\n")
+    print(f"| part of one decode step | us per token | share | weight MB read | GB/s (read bandwidth "
+          f"{bandwidth / 1e9:.1f}) |\n|---|---:|---:|---:|---:|")
+    fused = parts.pop("fused layers")
+    rows = list(parts.items())
+    rows[2:2] = [(f"fused layers: {name}", float(phases[i])) for i, name in enumerate(PHASES)]
+    rows.insert(2 + len(PHASES), ("fused layers: between phases (per-layer RMSNorm, GEMV input preparation)",
+                                  fused - float(phases.sum())))
+    for name, seconds in rows:
+        per_token = seconds / steps
+        nbytes = 0
+        if name.startswith("fused layers: ") and name.removeprefix("fused layers: ") in PHASES:
+            nbytes = matrix_bytes(PHASE_MATRICES[PHASES.index(name.removeprefix("fused layers: "))])
+        elif name.startswith("lm_head"):
+            nbytes = head_bytes
+        rate = f"{nbytes / per_token / 1e9:.1f}" if nbytes else ""
+        mb = f"{nbytes / 1e6:.1f}" if nbytes else ""
+        print(f"| {name} | {per_token * 1e6:.0f} | {100 * per_token / wall:.0f}% | {mb} | {rate} |")
+    measured = sum(seconds for _, seconds in rows) / steps
+    print(f"| generate loop around the step (Python, stop checks) | {(wall - measured) * 1e6:.0f} | "
+          f"{100 * (wall - measured) / wall:.0f}% | | |")
+
 
 def q4_0_requantization(source: Path) -> Path:
     """``source`` requantized to Q4_0 by llama.cpp's own quantizer (its default type choices for the

@@ -33,7 +33,7 @@ def random_trellis(model: nn.Module, bits: int, seed: int = 0) -> nn.Module:
     """``model`` with every quantized linear replaced by a trellis linear holding random codes."""
     gen = torch.Generator().manual_seed(seed)
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, MetalQuantizedLinear):
+        if isinstance(mod, MetalQuantizedLinear) and not mod.borrows_weight:  # a tied head keeps the embedding's
             new = TrellisLinear(mod.in_features, mod.out_features, bias=False, bits=bits, name=name,
                                 had_in=hadamard_block_size(mod.in_features),
                                 had_out=hadamard_block_size(mod.out_features))

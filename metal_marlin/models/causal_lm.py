@@ -9,6 +9,7 @@ modules, installed by name) drops in unchanged.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from ..generation import SamplingParams, generate_tokens
-from ..nn import QUANTIZED_MODULES, DenseExperts, GroupedExperts, is_fused_experts, replace_module
+from ..nn import QUANTIZED_MODULES, DenseExperts, GroupedExperts, QuantizedEmbedding, is_fused_experts, replace_module
 from .attention import GQAAttention, MLAAttention
 from .cache import CacheState, KVCache, MLACache
 from .checkpoint import load_transformers_checkpoint
+from .fused_decode import build_decoder_stack, decode_fused, runs_fused, unsupported_reason
 from .layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from .loading import load_transformers_model
 from .moe import MoEBlock, SigmoidGroupRouter, SoftmaxRouter
@@ -132,6 +134,7 @@ class TrellisForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._decoder_stack = None  # (weak ref to the cache, _core.DecoderStack)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -140,10 +143,14 @@ class TrellisForCausalLM(nn.Module):
         """Take over the weights of a transformers model (dense or carrying our quantized modules, e.g.
         from ``load_transformers_checkpoint``): modules are moved, not copied."""
         config = hf_model.config
+        quantized_embedding = isinstance(hf_model.get_input_embeddings(), QuantizedEmbedding)
+        dense_tie = config.tie_word_embeddings and not quantized_embedding
         with torch.device("meta"):
             model = cls(config)
+        if quantized_embedding:  # a tied head shares its tensors and is moved over below like any linear
+            replace_module(model, "model.embed_tokens", hf_model.get_input_embeddings())
         for name, mod in list(model.named_modules()):
-            if not isinstance(mod, nn.Linear | DenseExperts) or (name == "lm_head" and config.tie_word_embeddings):
+            if not isinstance(mod, nn.Linear | DenseExperts) or (name == "lm_head" and dense_tie):
                 continue
             theirs = hf_model.get_submodule(name)
             if isinstance(mod, DenseExperts) and not isinstance(theirs, GroupedExperts):
@@ -154,13 +161,13 @@ class TrellisForCausalLM(nn.Module):
         state = hf_model.state_dict()
         own = model.state_dict()
         missing = [k for k, v in own.items() if v.is_meta and k not in state]
-        if missing and not (config.tie_word_embeddings and missing == ["lm_head.weight"]):
+        if missing and not (dense_tie and missing == ["lm_head.weight"]):
             raise ValueError(f"the transformers model lacks {', '.join(missing[:5])}")
         model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].is_meta},
                               strict=False, assign=True)
-        if config.tie_word_embeddings:
+        if dense_tie:
             model.lm_head.weight = model.model.embed_tokens.weight
-        device = model.model.embed_tokens.weight.device
+        device = model.model.norm.weight.device
         model.model.rotary = RotaryEmbedding(config).to(device)
         return model.eval()
 
@@ -176,11 +183,11 @@ class TrellisForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     def new_cache(self, batch: int, max_len: int) -> CacheState:
         """A preallocated cache for ``batch`` sequences of up to ``max_len`` tokens."""
@@ -213,15 +220,28 @@ class TrellisForCausalLM(nn.Module):
         step_mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                      else attention_mask[:, -steps:].bool())
         start, positions = cache.begin(step_mask)
-        mask = cache.attention_mask(start, steps)
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, mask, cache, start)
+        stack = self._decoder_stack_for(cache) if runs_fused(cache, batch, steps) else None
+        if stack is not None:
+            x = decode_fused(stack, x, rope, cache, start, self.model.layers[0].self_attn.scaling)
+        else:
+            mask = cache.attention_mask(start, steps)
+            for layer in self.model.layers:
+                x = layer(x, rope, mask, cache, start)
         cache.end(step_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
+
+    def _decoder_stack_for(self, cache: CacheState):
+        """The fused decode step (``models/fused_decode.py``) for steps into ``cache``, or None when this
+        model cannot run it. Built once per cache, i.e. per generation, so modules replaced between
+        generations are picked up."""
+        if self._decoder_stack is None or self._decoder_stack[0]() is not cache:
+            stack = build_decoder_stack(self) if unsupported_reason(self) is None else None
+            self._decoder_stack = (weakref.ref(cache), stack)
+        return self._decoder_stack[1]
 
     # -- generation ------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from torch import nn
 from ..formats import FORMATS
 from ..nn import (
     MetalQuantizedLinear,
+    QuantizedEmbedding,
     QuantizedExperts,
     TrellisExperts,
     TrellisLinear,
@@ -41,6 +42,7 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 2**30
 QUANTIZED_TENSOR_SUFFIXES = (".packed", ".scales", ".offsets", ".trellis", ".su", ".sv")
 DEFAULT_KEYS = ("format", "bits", "group_size", "symmetric", "codebook")
+MODULE_KINDS = ("linear", "experts", "embedding")
 
 
 class CheckpointError(ValueError):
@@ -52,11 +54,23 @@ class CheckpointError(ValueError):
 def describe_quantized_modules(model: nn.Module) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every quantized module's settings by name, and the linear/expert modules still dense."""
     modules: dict[str, dict[str, Any]] = {}
-    for name, mod in quantized_submodules(model):
-        if isinstance(mod, MetalQuantizedLinear):
+    quantized = list(quantized_submodules(model))
+    embeddings = {name: mod for name, mod in quantized if isinstance(mod, QuantizedEmbedding)}
+    for name, mod in quantized:
+        if isinstance(mod, QuantizedEmbedding):
+            modules[name] = {"kind": "embedding", "format": mod.format, "group_size": mod.group_size,
+                             "symmetric": mod.symmetric, "num_embeddings": mod.num_embeddings,
+                             "embedding_dim": mod.embedding_dim}
+        elif isinstance(mod, MetalQuantizedLinear):
             modules[name] = {"kind": "linear", "format": mod.format, "group_size": mod.group_size,
                              "symmetric": mod.symmetric, "in_features": mod.in_features,
                              "out_features": mod.out_features, "bias": mod.bias is not None}
+            owner = next((e for e, emb in embeddings.items() if mod.shares_weight_of(emb)), None)
+            if owner is not None:
+                modules[name]["tied_to"] = owner
+            elif mod.borrows_weight:  # Module.to() moves each module's buffers on its own, breaking the tie
+                raise CheckpointError(f"{name}: its tensors belong to a tied embedding but are no longer shared "
+                                      "with it (moved with .to()?); call share_weight again before saving")
         elif isinstance(mod, TrellisLinear):
             modules[name] = {"kind": "linear", "format": "trellis", "bits": mod.bits, "codebook": mod.codebook,
                              "had_in": mod.had_in, "had_out": mod.had_out, "in_features": mod.in_features,
@@ -100,21 +114,53 @@ def validate_quantization_config(qconfig: Mapping[str, Any], source: str) -> Non
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{source}: unknown checkpoint format version {version!r} "
                               f"(this metal-marlin reads version {FORMAT_VERSION})")
-    for name, spec in qconfig.get("modules", {}).items():
-        if spec.get("kind") not in ("linear", "experts"):
+    modules = qconfig.get("modules", {})
+    for name, spec in modules.items():
+        if spec.get("kind") not in MODULE_KINDS:
             raise CheckpointError(f"{source}: module {name!r} has unknown kind {spec.get('kind')!r}")
         if spec.get("format") not in FORMATS:
             raise CheckpointError(f"{source}: module {name!r} has unknown format {spec.get('format')!r}")
+        owner = spec.get("tied_to")
+        if owner is not None and modules.get(owner, {}).get("kind") != "embedding":
+            raise CheckpointError(f"{source}: module {name!r} is tied to {owner!r}, which is not a quantized "
+                                  "embedding of this checkpoint")
+
+
+def install_tied_head(model: nn.Module, head: str, embedding: str) -> None:
+    """Make ``head`` the output head reading the ``QuantizedEmbedding`` at ``embedding`` (one copy of the
+    table). transformers' tie of the two modules' ``weight`` parameters is dropped: neither has one."""
+    replace_module(model, head, model.get_submodule(embedding).tied_linear(head))
+    prefixes = (f"{head}.", f"{embedding}.")
+    for attr in ("_tied_weights_keys", "all_tied_weights_keys"):
+        ties = getattr(model, attr, None)
+        if ties:
+            setattr(model, attr, {target: source for target, source in ties.items()
+                                  if not (target.startswith(prefixes) or source.startswith(prefixes))})
+
+
+def share_tied_weights(model: nn.Module, qconfig: Mapping[str, Any]) -> None:
+    """Point every tied head at its embedding's tensors again, after a loader assigned the embedding new ones."""
+    for name, spec in qconfig["modules"].items():
+        if "tied_to" in spec:
+            model.get_submodule(name).share_weight(model.get_submodule(spec["tied_to"]))
 
 
 def install_quantized_modules(model: nn.Module, qconfig: Mapping[str, Any], device: torch.device | str) -> None:
-    """Replace the modules named in ``qconfig`` by empty quantized modules of the recorded layout."""
-    for name, spec in qconfig["modules"].items():
+    """Replace the modules named in ``qconfig`` by empty quantized modules of the recorded layout (a tied
+    head after the embedding whose tensors it shares)."""
+    for name, spec in sorted(qconfig["modules"].items(), key=lambda item: "tied_to" in item[1]):
         try:
             old = model.get_submodule(name)
         except AttributeError as err:
             raise CheckpointError(f"quantized module {name!r} does not exist in this model") from err
-        if spec["format"] == "trellis" and spec["kind"] == "experts":
+        if "tied_to" in spec:
+            install_tied_head(model, name, spec["tied_to"])
+            continue
+        if spec["kind"] == "embedding":
+            new = QuantizedEmbedding(spec["num_embeddings"], spec["embedding_dim"], format=spec["format"],
+                                     group_size=spec["group_size"], symmetric=spec["symmetric"],
+                                     dtype=old.weight.dtype, device=device, name=name)
+        elif spec["format"] == "trellis" and spec["kind"] == "experts":
             new = TrellisExperts(spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"], old.act_fn,
                                  spec["expert_bits"], spec["codebook"],
                                  {p: tuple(b) for p, b in spec["hadamard_blocks"].items()}, device, name)
@@ -319,6 +365,7 @@ def load_transformers_checkpoint(path: str | os.PathLike, device: str = "cpu", d
         tensors = {k: v if k.endswith(QUANTIZED_TENSOR_SUFFIXES) or not v.is_floating_point() else v.to(dtype)
                    for k, v in tensors.items()}
     load_state_strict(model, tensors, str(path))
+    share_tied_weights(model, qconfig)
     materialize_non_persistent_buffers(model, device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None

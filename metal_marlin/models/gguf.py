@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from ..formats import GroupQuantizedWeight, get_format
-from ..nn import MetalQuantizedLinear
+from ..nn import MetalQuantizedLinear, QuantizedEmbedding, replace_module
 from ..quant import quantize_weight
-from .checkpoint import load_state_strict, materialize_non_persistent_buffers
+from .checkpoint import install_tied_head, load_state_strict, materialize_non_persistent_buffers
 
 LLAMA_TENSOR_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -228,19 +228,23 @@ def read_gguf(path: str, on_unsupported: str = "requantize") -> GGUFModel:
 
 def build_model_from_gguf(gguf_model: GGUFModel, device: str = "cpu"):
     """A transformers model holding the GGUF's weights: quantized matrices as ``MetalQuantizedLinear``
-    (no requantization), embeddings and norms dense float32."""
+    (no requantization), norms dense float32. A quantized token embedding tied to the output head becomes
+    a ``QuantizedEmbedding`` whose tensors the head shares; otherwise the embedding is dense float32."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     linear_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    embed_name, head_name = LLAMA_TENSOR_NAMES["token_embd.weight"], LLAMA_TENSOR_NAMES["output.weight"]
     dense: dict[str, torch.Tensor] = {}
     for name, value in gguf_model.tensors.items():
         module_name = name.rpartition(".")[0]
         if isinstance(value, GroupQuantizedWeight) and module_name in linear_names:
-            layer = MetalQuantizedLinear.from_quantized(value.to(device), name=module_name)
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
+            replace_module(model, module_name, MetalQuantizedLinear.from_quantized(value.to(device), name=module_name))
+        elif isinstance(value, GroupQuantizedWeight) and name == embed_name and gguf_model.config.tie_word_embeddings:
+            embedding = QuantizedEmbedding.from_quantized(value.to(device), name=module_name)
+            replace_module(model, module_name, embedding)
+            install_tied_head(model, head_name.rpartition(".")[0], module_name)
         else:
             dense[name] = (value.dequantize() if isinstance(value, GroupQuantizedWeight) else value.float()).to(device)
     load_state_strict(model, dense, gguf_model.path)

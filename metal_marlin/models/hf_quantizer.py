@@ -12,7 +12,7 @@ from typing import Any
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import QUANT_METHOD, install_quantized_modules, validate_quantization_config
+from .checkpoint import QUANT_METHOD, install_quantized_modules, share_tied_weights, validate_quantization_config
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -57,7 +57,7 @@ class MetalMarlinHfQuantizer(HfQuantizer):
         install_quantized_modules(model, self.quantization_config.to_dict(), "meta")
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
-        return None
+        share_tied_weights(model, self.quantization_config.to_dict())
 
     def is_serializable(self) -> bool:
         return False

@@ -43,9 +43,14 @@ def describe_checkpoint(path: Path) -> str:
     sizes = _checkpoint_tensor_sizes(path)
     groups: dict[tuple, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     quantized_bytes = 0
+    tied = {name: spec["tied_to"] for name, spec in qconfig["modules"].items() if "tied_to" in spec}
     for name, spec in qconfig["modules"].items():
+        if name in tied:  # its tensors are the embedding's, counted there
+            continue
         if spec["kind"] == "linear":
             weights = spec["in_features"] * spec["out_features"]
+        elif spec["kind"] == "embedding":
+            weights = spec["num_embeddings"] * spec["embedding_dim"]
         else:
             weights = 3 * spec["num_experts"] * spec["hidden_dim"] * spec["intermediate_dim"]
         nbytes = sum(b for key, (_, b) in sizes.items() if key.startswith(name + ".")
@@ -72,7 +77,8 @@ def describe_checkpoint(path: Path) -> str:
     return head + _table(rows, ("format", "group", "grid", "kind", "modules", "weights", "MiB", "bits/w")) + (
         f"\ndense tensors: {dense / 2**20:.2f} MiB ({len(qconfig['dense_modules'])} linear modules kept dense: "
         f"{', '.join(qconfig['dense_modules'][:4])}{' ...' if len(qconfig['dense_modules']) > 4 else ''})"
-        f"\ntotal: {total / 2**20:.2f} MiB")
+        + "".join(f"\n{module} shares the tensors of {owner} (tied)" for module, owner in tied.items())
+        + f"\ntotal: {total / 2**20:.2f} MiB")
 
 
 def describe_gguf(path: Path) -> str:

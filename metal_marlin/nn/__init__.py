@@ -1,6 +1,7 @@
 """Quantized drop-in modules and the in-place model rewriter."""
 
 from .buffers import QuantizedWeightBuffers
+from .embedding import QuantizedEmbedding
 from .experts import DenseExperts, GroupedExperts, QuantizedExperts, TrellisExperts
 from .linear import MetalQuantizedLinear
 from .replace import (
@@ -23,6 +24,7 @@ __all__ = [
     "DenseExperts",
     "GroupedExperts",
     "MetalQuantizedLinear",
+    "QuantizedEmbedding",
     "QuantizedExperts",
     "QuantizedWeightBuffers",
     "ReplacementSummary",

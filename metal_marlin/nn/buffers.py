@@ -52,6 +52,26 @@ class QuantizedWeightBuffers(nn.Module):
         if qw.offsets is not None:
             self.offsets.copy_(qw.offsets)
 
+    def share_weight(self, owner: QuantizedWeightBuffers) -> None:
+        """Use ``owner``'s tensors (a tied weight, held once). They stay in ``owner``'s state dict only, so
+        a checkpoint stores them once; after a loader assigns new tensors to ``owner``, share again."""
+        mine = (self.shape, self.format, self.group_size, self.symmetric)
+        theirs = (owner.shape, owner.format, owner.group_size, owner.symmetric)
+        if mine != theirs:
+            raise ValueError(f"{self.name or type(self).__name__}: cannot share the weight of "
+                             f"{owner.name or type(owner).__name__}: {theirs} differs from {mine} "
+                             "(shape, format, group_size, symmetric)")
+        for key in ("packed", "scales", "offsets"):
+            self.register_buffer(key, getattr(owner, key), persistent=False)
+
+    def shares_weight_of(self, owner: QuantizedWeightBuffers) -> bool:
+        return self.packed is owner.packed and self.scales is owner.scales and self.offsets is owner.offsets
+
+    @property
+    def borrows_weight(self) -> bool:
+        """True after ``share_weight``: the tensors are saved with their owner, not with this module."""
+        return "packed" in self._non_persistent_buffers_set
+
     @property
     def quantized_weight(self) -> GroupQuantizedWeight:
         return GroupQuantizedWeight(get_format(self.format), self.shape, self.packed, self.scales,

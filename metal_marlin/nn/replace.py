@@ -12,6 +12,8 @@ from torch import nn
 
 from ..formats import GroupFormat, get_format, resolve_group_size
 from ..formats.trellis import TILE
+from .buffers import QuantizedWeightBuffers
+from .embedding import QuantizedEmbedding
 from .experts import DenseExperts, QuantizedExperts, TrellisExperts
 from .linear import MetalQuantizedLinear
 from .trellis import TrellisLinear
@@ -183,7 +185,7 @@ def replace_linear_layers(
     return summary
 
 
-QUANTIZED_MODULES = (MetalQuantizedLinear, TrellisLinear, QuantizedExperts, TrellisExperts)
+QUANTIZED_MODULES = (MetalQuantizedLinear, QuantizedEmbedding, TrellisLinear, QuantizedExperts, TrellisExperts)
 
 
 def quantized_submodules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -201,15 +203,26 @@ def quantized_submodules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def dequantize_model(model: nn.Module) -> int:
     """Replace every quantized module of ``model`` by its dense float32 equivalent, in place (the inverse
-    of ``replace_linear_layers`` up to rounding). Returns the number of modules replaced."""
+    of ``replace_linear_layers`` up to rounding). Modules sharing one quantized weight (a tied embedding and
+    output head) get one shared dense weight. Returns the number of modules replaced."""
     targets = list(quantized_submodules(model))
+    dense_weights: dict[int, nn.Parameter] = {}
+
+    def dense_weight(mod: nn.Module) -> nn.Parameter:
+        key = id(mod.packed) if isinstance(mod, QuantizedWeightBuffers) else id(mod)
+        if key not in dense_weights:
+            dense_weights[key] = nn.Parameter(mod.dequantize_weight())
+        return dense_weights[key]
+
     for name, mod in targets:
-        if isinstance(mod, (MetalQuantizedLinear, TrellisLinear)):
-            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            with torch.no_grad():
-                dense.weight.copy_(mod.dequantize_weight())
-                if mod.bias is not None:
-                    dense.bias.copy_(mod.bias)
+        if isinstance(mod, QuantizedEmbedding):
+            dense = nn.Embedding(mod.num_embeddings, mod.embedding_dim, device="meta")
+            dense.weight = dense_weight(mod)
+        elif isinstance(mod, (MetalQuantizedLinear, TrellisLinear)):
+            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            dense.weight = dense_weight(mod)
+            if mod.bias is not None:
+                dense.bias = nn.Parameter(mod.bias.detach().float().clone())
         elif isinstance(mod, TrellisExperts):
             dense = DenseExperts(mod.dequantize_weight("gate_up_proj"), mod.dequantize_weight("down_proj"),
                                  mod.act_fn, name)

@@ -70,7 +70,15 @@ def runtime_and_oracle(embedded):
 
 
 def test_runtime_greedy_generation_equals_transformers(runtime_and_oracle):
+    """Ours reads the Q8_0 token embedding as int8 g32 for the lookup and the tied lm_head; the oracle is
+    transformers' LlamaForCausalLM with every weight dequantized (a dense float32 tie)."""
+    from metal_marlin.nn import QuantizedEmbedding
+
     ours, oracle, tokenizer = runtime_and_oracle
+    assert isinstance(ours.model.embed_tokens, QuantizedEmbedding)
+    assert ours.lm_head.packed.data_ptr() == ours.model.embed_tokens.packed.data_ptr()
+    assert type(oracle.model.embed_tokens) is torch.nn.Embedding
+    assert oracle.lm_head.weight is oracle.model.embed_tokens.weight
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     want = oracle.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     got = ours.generate(ids, max_new_tokens=24)

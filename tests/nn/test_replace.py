@@ -192,7 +192,8 @@ def test_activation_dtypes(token_ids):
     q = MetalQuantizedLinear.from_float(layer, "int4", group_size=32)
     x = torch.randn(4, 96)
     want = x.double() @ q.dequantize_weight().double().T + layer.bias.double()
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):
+    # float32: 1e-4 covers the 16-bit activation rounding of the avx512_vnni int4 GEMV (docs/kernels.md).
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):
         got = q(x.to(dtype))
         assert got.dtype == dtype
         assert relative_error(got, want) < tol

@@ -202,10 +202,11 @@ def test_quantized_experts_other_activation_uses_the_per_expert_loop():
     hidden = torch.randn(5, H)
     index, weights = make_routing(5, 2, 4)
     # The per-expert loop calls quant_matmul, whose int8 GEMV rounds activations to 16-bit fixed point
-    # per 32-block on the avx512_vnni path (~2^-16 of a block's largest activation).
+    # per 32-block on the avx512_vnni path (~2^-16 of a block's largest activation, times sum|w|: up to ~1e-3
+    # here where gelu(g) * u cancels).
     with torch.no_grad():
         torch.testing.assert_close(quantized(hidden, index, weights), twin(hidden, index, weights),
-                                   rtol=1e-5, atol=1e-4)
+                                   rtol=1e-5, atol=1e-3)
 
 
 # -- torch.compile / fake tensors -----------------------------------------------------------------------

@@ -12,7 +12,7 @@
 namespace metal_marlin::cpu {
 namespace {
 
-constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kRowsPerTask = 64;
 
 // The two vector loops of attention (head_dim long), AVX-512 when the path in effect allows.
 #if METAL_MARLIN_X86

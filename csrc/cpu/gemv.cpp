@@ -68,16 +68,22 @@ void gemv_rows(const QuantizedMatrix& w, const GemvActivations& a, int64_t row_b
 // quant_matmul for at most kGemvChunkedMaxRows rows on the integer path.
 void quant_matmul_vnni_gemv(const MatmulArgs& args) {
   gemv_in_row_chunks(args, group_kernels::kGemvMaxRows, [](const MatmulArgs& part) {
-    std::vector<float> x(size_t(part.m * part.w.k)), out(size_t(part.m * part.w.n));
+    std::vector<float> x(size_t(part.m * part.w.k));
     for (int64_t i = 0; i < part.m; ++i) load_activation_row(part, i, x.data() + i * part.w.k);
     GemvActivations a;
     prepare_gemv(part.w, x.data(), part.m, a);
+    // float32 without bias: straight into out (a large output, e.g. an LM head's logits, is not copied).
+    const bool direct = part.dtype == DType::kFloat32 && !part.bias;
+    std::vector<float> staging(direct ? 0 : size_t(part.m * part.w.n));
+    float* out = direct ? static_cast<float*>(part.out) : staging.data();
     const int64_t rows_per_task = group_kernels::kGemvRowsPerTask;
     const int64_t n_tasks = (part.w.n + rows_per_task - 1) / rows_per_task;
     parallel_for(plan_threads(part.n_threads, n_tasks), n_tasks, [&](int64_t task, int) {
-      gemv_rows(part.w, a, task * rows_per_task, std::min(part.w.n, (task + 1) * rows_per_task), out.data());
+      gemv_rows(part.w, a, task * rows_per_task, std::min(part.w.n, (task + 1) * rows_per_task), out);
     });
-    for (int64_t i = 0; i < part.m; ++i) store_outputs(part, i, 0, part.w.n, out.data() + i * part.w.n);
+    if (!direct) {
+      for (int64_t i = 0; i < part.m; ++i) store_outputs(part, i, 0, part.w.n, out + i * part.w.n);
+    }
   });
 }
 

@@ -12,9 +12,11 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "common/formats.h"
+#include "common/trellis.h"
 #include "cpu/decoder_step.h"
 #include "cpu/kernels.h"
 #include "cpu/moe_experts.h"
@@ -331,11 +333,20 @@ class DecoderStackBinding {
     return static_cast<const float*>(t.data());
   }
 
+  // (name, packed, scales, offsets, bias, format, group_size) for a group-quantized linear, or
+  // (name, trellis, su, sv, bias, "trellis", bits, codebook, had_in, had_out) for a trellis one.
   mm::cpu::DecoderLinear linear(const char* fn, const nb::tuple& entry, std::pair<int64_t, int64_t> shape) {
-    if (nb::len(entry) != 7) value_error(fn, "each linear is (name, packed, scales, offsets, bias, format, group_size)");
+    const size_t size = nb::len(entry);
+    if (size < 6 || (size != 7 && size != 10)) {
+      value_error(fn, "each linear is (name, packed, scales, offsets, bias, format, group_size) or (name, trellis, "
+                      "su, sv, bias, 'trellis', bits, codebook, had_in, had_out)");
+    }
     const std::string name = nb::cast<std::string>(entry[0]);
     const std::string where = std::string(fn) + " " + name;
     const auto optional = [](nb::handle h) { return h.is_none() ? Tensor() : nb::cast<Tensor>(h); };
+    if (nb::cast<std::string>(entry[5]) == "trellis") return trellis_linear(where, entry, shape);
+    if (size != 7) value_error(where.c_str(), "a group-quantized linear is (name, packed, scales, offsets, bias, "
+                                              "format, group_size)");
     const Tensor packed = nb::cast<Tensor>(entry[1]), scales = nb::cast<Tensor>(entry[2]);
     const Tensor offsets = optional(entry[3]), bias = optional(entry[4]);
     const mm::Format format = parse_format(where.c_str(), nb::cast<std::string>(entry[5]));
@@ -347,7 +358,48 @@ class DecoderStackBinding {
     for (const Tensor& t : {packed, scales, offsets}) {
       if (t.is_valid()) kept_.push_back(t);
     }
-    return {w, bias.is_valid() ? vector_of(where.c_str(), "bias", bias, w.n) : nullptr};
+    mm::cpu::DecoderLinear result;
+    result.w = w;
+    result.bias = bias.is_valid() ? vector_of(where.c_str(), "bias", bias, w.n) : nullptr;
+    return result;
+  }
+
+  mm::cpu::DecoderLinear trellis_linear(const std::string& where, const nb::tuple& entry,
+                                        std::pair<int64_t, int64_t> shape) {
+    using Code = nb::dlpack::dtype_code;
+    const char* fn = where.c_str();
+    if (nb::len(entry) != 10) {
+      value_error(fn, "a trellis linear is (name, trellis, su, sv, bias, 'trellis', bits, codebook, had_in, had_out)");
+    }
+    const auto [n, k] = shape;
+    const Tensor packed = nb::cast<Tensor>(entry[1]), su = nb::cast<Tensor>(entry[2]), sv = nb::cast<Tensor>(entry[3]);
+    const int bits = nb::cast<int>(entry[6]);
+    const std::string codebook = nb::cast<std::string>(entry[7]);
+    const int64_t had_in = nb::cast<int64_t>(entry[8]), had_out = nb::cast<int64_t>(entry[9]);
+    if (bits < 1 || bits > 8) value_error(fn, "bits must be in 1..8, got " + std::to_string(bits));
+    const auto cb = mm::trellis::parse_codebook(codebook);
+    if (!cb) value_error(fn, "unknown codebook '" + codebook + "'");
+    if (n % 16 || k % 16) value_error(fn, "a trellis matrix needs multiples of 16, got " + std::to_string(n) + "x" +
+                                              std::to_string(k));
+    check_dtype(fn, "trellis", packed, Code::Int, 32, "int32");
+    check_shape(fn, "trellis", packed, {n / 16, k / 16, 8 * bits});
+    check_dtype(fn, "su", su, Code::Float, 16, "float16");
+    check_shape(fn, "su", su, {k});
+    check_dtype(fn, "sv", sv, Code::Float, 16, "float16");
+    check_shape(fn, "sv", sv, {n});
+    for (auto [label, block, size] : {std::tuple{"had_in", had_in, k}, std::tuple{"had_out", had_out, n}}) {
+      if (block < 1 || (block & (block - 1)) || size % block) {
+        value_error(fn, std::string(label) + "=" + std::to_string(block) + " must be a power of two dividing " +
+                            std::to_string(size));
+      }
+    }
+    kept_.insert(kept_.end(), {packed, su, sv});
+    mm::cpu::DecoderLinear result;
+    result.trellis = {static_cast<const uint32_t*>(packed.data()), static_cast<const uint16_t*>(su.data()),
+                      static_cast<const uint16_t*>(sv.data()), n, k, bits, *cb, had_in, had_out};
+    const Tensor bias = entry[4].is_none() ? Tensor() : nb::cast<Tensor>(entry[4]);
+    result.bias = bias.is_valid() ? vector_of(fn, "bias", bias, n) : nullptr;
+    return result;
   }
 
   mm::cpu::DecoderStack stack_;

@@ -5,9 +5,11 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "common/simd.h"
 #include "cpu/thread_pool.h"
+#include "cpu/trellis_kernels.h"
 
 namespace metal_marlin::cpu {
 namespace {
@@ -112,21 +114,36 @@ void norm_and_rotate(float* x, int64_t dim, const float* norm, float eps, const 
   }
 }
 
-// Activations prepared once for each distinct (format, group size) among `ws`, which all read x.
+// The inputs of linears that all read x [m, k]: GEMV activations prepared once per distinct (format,
+// group size) of the group-quantized ones, H_in(su * x) for each trellis one.
 template <size_t N>
-std::array<const GemvActivations*, N> prepare_inputs(const std::array<const QuantizedMatrix*, N>& ws,
-                                                     const float* x, int64_t m, GemvActivations* slots) {
-  std::array<const GemvActivations*, N> used{};
+std::array<LinearInput, N> prepare_inputs(const std::array<const DecoderLinear*, N>& linears, const float* x,
+                                          int64_t m, GemvActivations* slots, AlignedFloats* rotated) {
+  std::array<LinearInput, N> inputs{};
   for (size_t i = 0; i < N; ++i) {
-    for (size_t j = 0; j < i && !used[i]; ++j) {
-      if (ws[j]->format == ws[i]->format && ws[j]->group_size == ws[i]->group_size) used[i] = used[j];
+    const DecoderLinear& l = *linears[i];
+    inputs[i].m = m;
+    if (l.is_trellis()) {
+      const TrellisMatrix& t = l.trellis;
+      rotated[i].reserve_zeroed(m * t.k);
+      float* r = rotated[i].data();
+      for (int64_t row = 0; row < m; ++row) {
+        for (int64_t j = 0; j < t.k; ++j) r[row * t.k + j] = x[row * t.k + j] * half_to_float(t.su[j]);
+      }
+      trellis_cpu::hadamard(r, r, m, t.k, t.had_in, 1);
+      inputs[i].rotated = r;
+      continue;
     }
-    if (!used[i]) {
-      prepare_gemv(*ws[i], x, m, slots[i]);
-      used[i] = &slots[i];
+    for (size_t j = 0; j < i && !inputs[i].gemv; ++j) {
+      const DecoderLinear& o = *linears[j];
+      if (!o.is_trellis() && o.w.format == l.w.format && o.w.group_size == l.w.group_size) inputs[i].gemv = inputs[j].gemv;
+    }
+    if (!inputs[i].gemv) {
+      prepare_gemv(l.w, x, m, slots[i]);
+      inputs[i].gemv = &slots[i];
     }
   }
-  return used;
+  return inputs;
 }
 
 // Adds the time since the last mark to phase `i` of `seconds` (if given).
@@ -148,14 +165,36 @@ class PhaseClock {
   double last_;
 };
 
-int64_t row_tasks(int64_t rows) { return (rows + kRowsPerTask - 1) / kRowsPerTask; }
+// Row ranges of a linear handed to threads: about kRowsPerTask rows, starting at multiples of its
+// granularity.
+int64_t task_rows(const DecoderLinear& l) {
+  const int64_t g = l.row_granularity();
+  return (kRowsPerTask + g - 1) / g * g;
+}
+int64_t row_tasks(const DecoderLinear& l) { return (l.rows() + task_rows(l) - 1) / task_rows(l); }
 
-// Rows [begin, end) of `linear` for all activation rows into out [m, n], plus the bias.
-void linear_rows(const DecoderLinear& linear, const GemvActivations& x, int64_t begin, int64_t end, float* out) {
-  gemv_rows(linear.w, x, begin, end, out);
+// Rows [begin, end) of `linear` for all activation rows into out [m, rows], plus the bias.
+void linear_rows(const DecoderLinear& linear, const LinearInput& x, int64_t begin, int64_t end, float* out) {
+  const int64_t n = linear.rows();
+  if (linear.is_trellis()) {
+    const TrellisMatrix& t = linear.trellis;
+    const int64_t count = end - begin;
+    thread_local AlignedFloats staging;
+    staging.reserve_zeroed(x.m * count);
+    float* z = staging.data();
+    const int64_t words_per_tile_row = t.k / 16 * 8 * t.bits;
+    trellis_cpu::matmul({x.rotated, t.packed + begin / 16 * words_per_tile_row, z, x.m, count, t.k, t.bits,
+                         t.codebook, 1});
+    trellis_cpu::hadamard(z, z, x.m, count, t.had_out, 1);
+    for (int64_t i = 0; i < x.m; ++i) {
+      for (int64_t r = 0; r < count; ++r) out[i * n + begin + r] = z[i * count + r] * half_to_float(t.sv[begin + r]);
+    }
+  } else {
+    gemv_rows(linear.w, *x.gemv, begin, end, out);
+  }
   if (linear.bias) {
     for (int64_t i = 0; i < x.m; ++i) {
-      for (int64_t r = begin; r < end; ++r) out[i * linear.w.n + r] += linear.bias[r];
+      for (int64_t r = begin; r < end; ++r) out[i * n + r] += linear.bias[r];
     }
   }
 }
@@ -225,17 +264,17 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
 
   // Attention: q/k/v rows over the threads.
   rms_norm(hidden, L.input_norm, B, normed_.data());
-  const auto qkv_in = prepare_inputs<3>({&L.q.w, &L.k.w, &L.v.w}, normed_.data(), B, qkv_in_);
   const std::array<const DecoderLinear*, 3> qkv = {&L.q, &L.k, &L.v};
+  const auto qkv_in = prepare_inputs<3>(qkv, normed_.data(), B, qkv_in_, qkv_rotated_);
   const std::array<float*, 3> qkv_out = {q_.data(), k_.data(), v_.data()};
-  const int64_t q_tasks = row_tasks(L.q.w.n), k_tasks = row_tasks(L.k.w.n);
-  const int64_t n_qkv_tasks = q_tasks + k_tasks + row_tasks(L.v.w.n);
+  const int64_t q_tasks = row_tasks(L.q), k_tasks = row_tasks(L.k);
+  const int64_t n_qkv_tasks = q_tasks + k_tasks + row_tasks(L.v);
   parallel_for(plan_threads(args.n_threads, n_qkv_tasks), n_qkv_tasks, [&](int64_t task, int) {
     const int which = task < q_tasks ? 0 : task < q_tasks + k_tasks ? 1 : 2;
+    const DecoderLinear& linear = *qkv[which];
     const int64_t first = which == 0 ? 0 : which == 1 ? q_tasks : q_tasks + k_tasks;
-    const int64_t begin = (task - first) * kRowsPerTask;
-    linear_rows(*qkv[which], *qkv_in[which], begin, std::min(qkv[which]->w.n, begin + kRowsPerTask),
-                qkv_out[which]);
+    const int64_t begin = (task - first) * task_rows(linear);
+    linear_rows(linear, qkv_in[which], begin, std::min(linear.rows(), begin + task_rows(linear)), qkv_out[which]);
   });
 
   clock.mark(0);
@@ -262,11 +301,11 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
   clock.mark(1);
 
   // o_proj + residual.
-  const auto o_in = prepare_inputs<1>({&L.o.w}, attn_.data(), B, &o_in_);
-  const int64_t o_tasks = row_tasks(S.hidden);
+  const auto o_in = prepare_inputs<1>({&L.o}, attn_.data(), B, o_in_, o_rotated_);
+  const int64_t o_step = task_rows(L.o), o_tasks = row_tasks(L.o);
   parallel_for(plan_threads(args.n_threads, o_tasks), o_tasks, [&](int64_t task, int) {
-    const int64_t begin = task * kRowsPerTask, end = std::min(S.hidden, begin + kRowsPerTask);
-    linear_rows(L.o, *o_in[0], begin, end, proj_.data());
+    const int64_t begin = task * o_step, end = std::min(S.hidden, begin + o_step);
+    linear_rows(L.o, o_in[0], begin, end, proj_.data());
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
     }
@@ -276,14 +315,16 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
 
   // MLP: gate and up rows together, so a task finishes act = silu(gate) * up for its rows.
   rms_norm(hidden, L.post_norm, B, normed_.data());
-  const auto mlp_in = prepare_inputs<2>({&L.gate.w, &L.up.w}, normed_.data(), B, mlp_in_);
-  const int64_t mlp_tasks = row_tasks(S.intermediate);
+  const auto mlp_in = prepare_inputs<2>({&L.gate, &L.up}, normed_.data(), B, mlp_in_, mlp_rotated_);
+  // Ranges that start on a block boundary of both (trellis output Hadamard blocks).
+  const int64_t mlp_step = std::lcm(task_rows(L.gate), task_rows(L.up));
+  const int64_t mlp_tasks = (S.intermediate + mlp_step - 1) / mlp_step;
   float* gate = gate_up_.data();
   float* up = gate_up_.data() + B * S.intermediate;
   parallel_for(plan_threads(args.n_threads, mlp_tasks), mlp_tasks, [&](int64_t task, int) {
-    const int64_t begin = task * kRowsPerTask, end = std::min(S.intermediate, begin + kRowsPerTask);
-    linear_rows(L.gate, *mlp_in[0], begin, end, gate);
-    linear_rows(L.up, *mlp_in[1], begin, end, up);
+    const int64_t begin = task * mlp_step, end = std::min(S.intermediate, begin + mlp_step);
+    linear_rows(L.gate, mlp_in[0], begin, end, gate);
+    linear_rows(L.up, mlp_in[1], begin, end, up);
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t r = begin; r < end; ++r) {
         const float g = gate[b * S.intermediate + r];
@@ -295,10 +336,11 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
   clock.mark(3);
 
   // down_proj + residual.
-  const auto down_in = prepare_inputs<1>({&L.down.w}, act_.data(), B, &down_in_);
-  parallel_for(plan_threads(args.n_threads, o_tasks), o_tasks, [&](int64_t task, int) {
-    const int64_t begin = task * kRowsPerTask, end = std::min(S.hidden, begin + kRowsPerTask);
-    linear_rows(L.down, *down_in[0], begin, end, proj_.data());
+  const auto down_in = prepare_inputs<1>({&L.down}, act_.data(), B, down_in_, down_rotated_);
+  const int64_t down_step = task_rows(L.down), down_tasks = row_tasks(L.down);
+  parallel_for(plan_threads(args.n_threads, down_tasks), down_tasks, [&](int64_t task, int) {
+    const int64_t begin = task * down_step, end = std::min(S.hidden, begin + down_step);
+    linear_rows(L.down, down_in[0], begin, end, proj_.data());
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
     }

@@ -5,18 +5,46 @@
 // row-range GEMV of gemv.h, their rows split over the threads; the scratch is allocated once.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "common/quantized_matrix.h"
+#include "common/trellis.h"
 #include "cpu/gemv.h"
 #include "cpu/kernels.h"
 
 namespace metal_marlin::cpu {
 
+// A trellis-coded matrix (docs/formats.md): W = diag(sv) H_out Q H_in diag(su).
+struct TrellisMatrix {
+  const uint32_t* packed = nullptr;  // [n/16, k/16, 8*bits]
+  const uint16_t* su = nullptr;      // float16 [k]
+  const uint16_t* sv = nullptr;      // float16 [n]
+  int64_t n = 0, k = 0;
+  int bits = 0;
+  trellis::Codebook codebook{};
+  int64_t had_in = 0, had_out = 0;   // Hadamard block sizes
+};
+
+// One projection: group-quantized (`w`) or trellis-coded (`trellis.packed` set).
 struct DecoderLinear {
-  QuantizedMatrix w;
-  const float* bias;  // [w.n] or nullptr
+  QuantizedMatrix w{};
+  TrellisMatrix trellis{};
+  const float* bias = nullptr;  // [rows()] or nullptr
+
+  bool is_trellis() const { return trellis.packed != nullptr; }
+  int64_t rows() const { return is_trellis() ? trellis.n : w.n; }
+  // Row ranges handed to threads start at multiples of this: for trellis, whole 16-row tiles and
+  // whole output Hadamard blocks (both powers of two).
+  int64_t row_granularity() const { return is_trellis() ? std::max<int64_t>(16, trellis.had_out) : 1; }
+};
+
+// What a linear reads: the GEMV activations of gemv.h, or for a trellis linear H_in(su * x).
+struct LinearInput {
+  const GemvActivations* gemv = nullptr;
+  const float* rotated = nullptr;  // [m, k]
+  int64_t m = 0;
 };
 
 struct DecoderLayerWeights {
@@ -70,7 +98,10 @@ class DecoderStack {
   // Scratch, sized on the first step.
   AlignedFloats normed_, q_, k_, v_, attn_, proj_, act_, gate_up_;
   std::vector<AlignedFloats> scores_;  // per thread: [max_len]
-  GemvActivations qkv_in_[3], o_in_, mlp_in_[2], down_in_;
+  // Inputs of the projections: slots per input (q/k/v, o, gate/up, down), for linears of different
+  // formats reading the same activations.
+  GemvActivations qkv_in_[3], o_in_[1], mlp_in_[2], down_in_[1];
+  AlignedFloats qkv_rotated_[3], o_rotated_[1], mlp_rotated_[2], down_rotated_[1];
 };
 
 }  // namespace metal_marlin::cpu

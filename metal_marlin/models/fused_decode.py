@@ -5,9 +5,9 @@ and allocation; on a 135M-parameter model that overhead outweighs the matmuls. `
 runs RMSNorm, q/k/v, RoPE, the KV-cache write, attention, o_proj, the SwiGLU MLP and both residuals of
 every layer in C++ (``csrc/cpu/decoder_step.h``), with the same GEMV kernels as ``quant_matmul``.
 
-It serves dense GQA models (llama, qwen2, qwen3) whose seven projections are group-quantized
-(``MetalQuantizedLinear``), in float32 on the CPU, for steps of one token per sequence (up to
-``MAX_BATCH`` sequences) into a ``KVCache``. Everything else goes through the Python blocks, which remain
+It serves dense GQA models (llama, qwen2, qwen3) whose seven projections are quantized
+(``MetalQuantizedLinear`` in any group format, or ``TrellisLinear``), in float32 on the CPU, for steps
+of one token per sequence (up to ``MAX_BATCH`` sequences) into a ``KVCache``. Everything else goes through the Python blocks, which remain
 the reference the tests compare this path with.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ..nn import MetalQuantizedLinear
+from ..nn import MetalQuantizedLinear, TrellisLinear
 from .attention import GQAAttention
 from .cache import KVCache
 from .layers import SwiGLUMLP
@@ -40,8 +40,9 @@ def unsupported_reason(model) -> str | None:
             return f"layer {i} is not GQA attention + SwiGLU MLP"
         for block, name in PROJECTIONS:
             module = getattr(getattr(layer, block), name)
-            if not isinstance(module, MetalQuantizedLinear):
-                return f"model.layers.{i}.{block}.{name} is {type(module).__name__}, not MetalQuantizedLinear"
+            if not isinstance(module, MetalQuantizedLinear | TrellisLinear):
+                return (f"model.layers.{i}.{block}.{name} is {type(module).__name__}, not MetalQuantizedLinear or "
+                        "TrellisLinear")
             if module.bias is not None and module.bias.dtype != torch.float32:
                 return f"model.layers.{i}.{block}.{name}: bias is {module.bias.dtype}"
     return None
@@ -60,8 +61,12 @@ def build_decoder_stack(model) -> _core.DecoderStack:
         linears = []
         for block, name in PROJECTIONS:
             m = getattr(getattr(layer, block), name)
-            linears.append((f"model.layers.{i}.{block}.{name}", m.packed, m.scales, m.offsets, m.bias, m.format,
-                            m.group_size))
+            qualified = f"model.layers.{i}.{block}.{name}"
+            if isinstance(m, TrellisLinear):
+                linears.append((qualified, m.trellis, m.su, m.sv, m.bias, "trellis", m.bits, m.codebook, m.had_in,
+                                m.had_out))
+            else:
+                linears.append((qualified, m.packed, m.scales, m.offsets, m.bias, m.format, m.group_size))
         a = layer.self_attn
         stack.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         None if a.q_norm is None else a.q_norm.weight.detach(),

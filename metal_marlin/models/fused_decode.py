@@ -7,8 +7,8 @@ every layer in C++ (``csrc/cpu/decoder_step.h``), with the same GEMV kernels as 
 
 It serves dense GQA models (llama, qwen2, qwen3) whose seven projections are quantized
 (``MetalQuantizedLinear`` in any group format, or ``TrellisLinear``), in float32 on the CPU, for steps
-of one token per sequence (up to ``MAX_BATCH`` sequences) into a ``KVCache``. Everything else goes through the Python blocks, which remain
-the reference the tests compare this path with.
+of one token per sequence (up to ``MAX_BATCH`` sequences) into a ``KVCache``. Everything else goes
+through the Python blocks, which remain the reference the tests compare this path with.
 """
 
 from __future__ import annotations

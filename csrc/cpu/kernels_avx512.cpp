@@ -203,9 +203,13 @@ void gemm(const MatmulArgs& args) {
   const int64_t max_blocks = (pass_rows + kXBlock - 1) / kXBlock;
   GemmPass pass{};
   pass.ct_stride = max_blocks * kXBlock;
-  AlignedFloats xt(max_blocks * k * kXBlock);
-  AlignedFloats ct(n_tiles * kTileRows * pass.ct_stride);
-  pass.xt = xt.data();
+  // Reused across calls (grown, never shrunk): every call overwrites what it reads, and a prefill
+  // makes hundreds of calls whose buffers would otherwise be allocated and zeroed each time.
+  thread_local AlignedFloats xt, ct;
+  xt.reserve_zeroed(max_blocks * k * kXBlock);
+  ct.reserve_zeroed(n_tiles * kTileRows * pass.ct_stride);
+  float* const xt_data = xt.data();  // the caller's buffers: workers have their own thread_locals
+  pass.xt = xt_data;
   pass.ct = ct.data();
 
   // Few tiles (small N): split each tile's row blocks so that every thread gets work.
@@ -214,17 +218,23 @@ void gemm(const MatmulArgs& args) {
   const int64_t n_tasks = n_tiles * pass.row_splits;
   const int n_threads = plan_threads(args.n_threads, n_tasks);
   std::vector<AlignedFloats> scratch(size_t(n_threads), AlignedFloats(kTileRows * kDepth));
-  std::vector<float> row(static_cast<size_t>(k));
-  std::vector<float> permuted(static_cast<size_t>(k));
   for (pass.m0 = 0; pass.m0 < args.m; pass.m0 += pass_rows) {
     pass.rows = std::min(pass_rows, args.m - pass.m0);
-    std::fill_n(xt.data(), max_blocks * k * kXBlock, 0.0f);
-    for (int64_t r = 0; r < pass.rows; ++r) {
-      load_activation_row(args, pass.m0 + r, row.data());
-      permute_row<BlockDecoder<F>>(row.data(), k, [](int) { return 1.0f; }, permuted.data());
-      float* dst = xt.data() + (r / kXBlock) * k * kXBlock + r % kXBlock;
-      for (int64_t kk = 0; kk < k; ++kk) dst[kk * kXBlock] = permuted[size_t(kk)];
-    }
+    // Pack the pass's activations block by block over the threads (zero rows pad the last block).
+    const int64_t blocks = (pass.rows + kXBlock - 1) / kXBlock;
+    parallel_for(plan_threads(args.n_threads, blocks), blocks, [&](int64_t b, int) {
+      thread_local std::vector<float> row, permuted;
+      row.resize(size_t(k));
+      permuted.resize(size_t(k));
+      float* block = xt_data + b * k * kXBlock;
+      const int64_t live = std::min(kXBlock, pass.rows - b * kXBlock);
+      if (live < kXBlock) std::fill_n(block, k * kXBlock, 0.0f);
+      for (int64_t r = 0; r < live; ++r) {
+        load_activation_row(args, pass.m0 + b * kXBlock + r, row.data());
+        permute_row<BlockDecoder<F>>(row.data(), k, [](int) { return 1.0f; }, permuted.data());
+        for (int64_t kk = 0; kk < k; ++kk) block[kk * kXBlock + r] = permuted[size_t(kk)];
+      }
+    });
     for (pass.k0 = 0; pass.k0 < k; pass.k0 += kDepth) {
       pass.depth = std::min(kDepth, k - pass.k0);
       parallel_for(n_threads, n_tasks, [&](int64_t task, int thread) {

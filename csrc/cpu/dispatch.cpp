@@ -83,7 +83,7 @@ std::string set_simd_level(const std::string& name) {
 
 namespace {
 
-void run_quant_matmul(const MatmulArgs& args, bool integer_gemv) {
+void run_quant_matmul(const MatmulArgs& args, bool integer_paths) {
   if (args.m == 0 || args.w.n == 0) return;
   if (args.w.k == 0) {  // an empty sum: out = bias
     const std::vector<float> zeros(size_t(args.w.n), 0.0f);
@@ -93,9 +93,9 @@ void run_quant_matmul(const MatmulArgs& args, bool integer_gemv) {
   switch (current_simd_level()) {
 #if METAL_MARLIN_X86
     case SimdLevel::kAvx512Vnni:
-      if (integer_gemv && args.m <= group_kernels::kGemvChunkedMaxRows &&
-          gemv_uses_vnni(SimdLevel::kAvx512Vnni, args.w.format)) {
-        return quant_matmul_vnni_gemv(args);
+      if (integer_paths && gemv_uses_vnni(SimdLevel::kAvx512Vnni, args.w.format)) {
+        if (args.m <= group_kernels::kGemvChunkedMaxRows) return quant_matmul_vnni_gemv(args);
+        return quant_matmul_vnni_gemm(args);
       }
       return quant_matmul_avx512(args);
     case SimdLevel::kAvx512: return quant_matmul_avx512(args);

@@ -51,8 +51,10 @@ void prepare_gemv(const QuantizedMatrix& w, const float* x, int64_t m, GemvActiv
 // (no bias). Uses thread-local scratch: call from any thread, concurrently on disjoint row ranges.
 void gemv_rows(const QuantizedMatrix& w, const GemvActivations& a, int64_t row_begin, int64_t row_end, float* out);
 
-// quant_matmul on the integer path (m <= 16, int4/int8; dispatch.cpp routes it here).
+// quant_matmul on the integer path for int4/int8 (dispatch.cpp routes it here): the GEMV for m <= 16,
+// the GEMM of gemm_vnni.cpp above, with the same activation rounding.
 void quant_matmul_vnni_gemv(const MatmulArgs& args);
+void quant_matmul_vnni_gemm(const MatmulArgs& args);
 
 // The paths behind them (gemv_vnni.cpp; kernels_avx512.cpp / kernels_avx2.cpp for the float GEMV).
 bool cpu_has_avx512_vnni();

@@ -23,7 +23,7 @@ struct MatmulArgs {
 
 // The kernel paths, slowest to fastest. The process starts on the best one the CPU supports;
 // set_simd_level switches (tests run every path in one process, benchmarks compare them).
-// kAvx512Vnni is kAvx512 plus the integer GEMV of gemv_vnni.cpp for int4/int8 weights (decode).
+// kAvx512Vnni is kAvx512 plus the integer GEMV and GEMM of gemv_vnni.cpp / gemm_vnni.cpp for int4/int8.
 enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni };
 
 SimdLevel best_simd_level();          // what this CPU (and OS) can run
@@ -36,7 +36,7 @@ std::string set_simd_level(const std::string& name);
 
 // Entry points: run the path in effect.
 void quant_matmul(const MatmulArgs& args);
-// The same without the integer GEMV of the avx512_vnni path (float32 activations throughout): for
+// The same without the integer kernels of the avx512_vnni path (float32 activations throughout): for
 // callers whose tests bound the error of exact float products (the MoE experts).
 void quant_matmul_float_activations(const MatmulArgs& args);
 void dequantize(const QuantizedMatrix& w, float* out);  // out: [n, k] float32

@@ -95,18 +95,16 @@ def spec_matmul(spec, name, x, packed, scales, offsets, bias, group_size):
     return y
 
 
-# The avx512_vnni GEMV (int4/int8, up to 16 rows) rounds each activation to 16-bit fixed point per
-# 32-block: |error| <= max|x_b| / (2 * 32639) per element (csrc/cpu/gemv.h, docs/kernels.md).
+# The avx512_vnni GEMV and GEMM (int4/int8) round each activation to 16-bit fixed point per 32-block:
+# |error| <= max|x_b| / (2 * 32639) per element (csrc/cpu/gemv.h, docs/kernels.md).
 VNNI_RANGE = 32639
-VNNI_MAX_ROWS = 16
 
 
 def vnni_slack(spec, name, x, packed, scales, offsets, group_size):
     """The activation-rounding bound sum_b max|x_b| / (2 * 32639) * sum_{i in b} |W[n, i]| of the integer
-    GEMV, elementwise like ``spec_matmul``'s result; 0 where the path in effect computes in float."""
+    kernels, elementwise like ``spec_matmul``'s result; 0 where the path in effect computes in float."""
     k = x.shape[-1]
-    rows = x.reshape(-1, k).shape[0]
-    if _core.simd_level() != "avx512_vnni" or name not in ("int4", "int8") or rows > VNNI_MAX_ROWS:
+    if _core.simd_level() != "avx512_vnni" or name not in ("int4", "int8"):
         return 0.0
     w = np.abs(spec.dequant(name, packed, scales, offsets, k, group_size)).reshape(-1, k // 32, 32).sum(-1)
     xb = np.abs(x.double().numpy()).reshape(*x.shape[:-1], k // 32, 32).max(-1) / (2 * VNNI_RANGE)

@@ -57,6 +57,7 @@ METAL_MARLIN_AVX512 uint64_t sum_avx512(const unsigned char* p, int64_t bytes) {
 uint64_t sum_bytes(SimdLevel level, const unsigned char* p, int64_t bytes) {
   switch (level) {
 #if METAL_MARLIN_X86
+    case SimdLevel::kAvx512Amx:
     case SimdLevel::kAvx512Vnni:
     case SimdLevel::kAvx512: return sum_avx512(p, bytes);
     case SimdLevel::kAvx2: return sum_avx2(p, bytes);

@@ -24,7 +24,8 @@ SimdLevel detect_simd_level() {
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)) return SimdLevel::kScalar;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
-    return cpu_has_avx512_vnni() ? SimdLevel::kAvx512Vnni : SimdLevel::kAvx512;
+    if (!cpu_has_avx512_vnni()) return SimdLevel::kAvx512;
+    return cpu_has_amx_int8() ? SimdLevel::kAvx512Amx : SimdLevel::kAvx512Vnni;
   }
   return SimdLevel::kAvx2;
 #else
@@ -48,6 +49,7 @@ SimdLevel current_simd_level() { return level_in_effect().load(std::memory_order
 
 const char* simd_level_name(SimdLevel level) {
   switch (level) {
+    case SimdLevel::kAvx512Amx: return "avx512_amx";
     case SimdLevel::kAvx512Vnni: return "avx512_vnni";
     case SimdLevel::kAvx512: return "avx512";
     case SimdLevel::kAvx2: return "avx2";
@@ -62,6 +64,8 @@ std::string set_simd_level(const std::string& name) {
   SimdLevel level;
   if (name == "auto") {
     level = best_simd_level();
+  } else if (name == "avx512_amx") {
+    level = SimdLevel::kAvx512Amx;
   } else if (name == "avx512_vnni") {
     level = SimdLevel::kAvx512Vnni;
   } else if (name == "avx512") {
@@ -72,7 +76,7 @@ std::string set_simd_level(const std::string& name) {
     level = SimdLevel::kScalar;
   } else {
     throw std::invalid_argument("set_simd_level: unknown level '" + name +
-                                "'; expected 'auto', 'avx512_vnni', 'avx512', 'avx2' or 'scalar'");
+                                "'; expected 'auto', 'avx512_amx', 'avx512_vnni', 'avx512', 'avx2' or 'scalar'");
   }
   if (level > best_simd_level()) {
     throw std::invalid_argument("set_simd_level: this CPU cannot run '" + name + "' (best: '" +
@@ -92,10 +96,11 @@ void run_quant_matmul(const MatmulArgs& args, bool integer_paths) {
   }
   switch (current_simd_level()) {
 #if METAL_MARLIN_X86
+    case SimdLevel::kAvx512Amx:
     case SimdLevel::kAvx512Vnni:
-      if (integer_paths && gemv_uses_vnni(SimdLevel::kAvx512Vnni, args.w.format)) {
+      if (integer_paths && gemv_uses_vnni(current_simd_level(), args.w.format)) {
         if (args.m <= group_kernels::kGemvChunkedMaxRows) return quant_matmul_vnni_gemv(args);
-        return quant_matmul_vnni_gemm(args);
+        return quant_matmul_vnni_gemm(args, current_simd_level() == SimdLevel::kAvx512Amx);
       }
       return quant_matmul_avx512(args);
     case SimdLevel::kAvx512: return quant_matmul_avx512(args);
@@ -114,6 +119,7 @@ void quant_matmul_float_activations(const MatmulArgs& args) { run_quant_matmul(a
 void dequantize(const QuantizedMatrix& w, float* out) {
   switch (current_simd_level()) {
 #if METAL_MARLIN_X86
+    case SimdLevel::kAvx512Amx:
     case SimdLevel::kAvx512Vnni:
     case SimdLevel::kAvx512: return dequantize_avx512(w, out);
     case SimdLevel::kAvx2: return dequantize_avx2(w, out);

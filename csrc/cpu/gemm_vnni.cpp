@@ -9,9 +9,16 @@
 // per 32-block, 16 vpdpbusd per weight row accumulate int32 sums that are then scaled by s_g * d_b
 // into float accumulators. vpdpbusd does 64 multiply-adds (32 after the high/low split), a float FMA 16.
 // The offset terms o_g * sum(x over g) use the exact float group sums, as in the GEMV.
+//
+// With AMX (avx512_amx) the same panels feed the tile unit: per 32-block, one tdpbusd of a 16 x 32
+// tile of weight codes by the 8 x 64 high (and low) activation tile gives 16 x 16 int32 sums, which the
+// vector unit scales into float accumulators as above. The tile unit does 8192 multiply-adds per
+// instruction pair; the float epilogue per 32-block is what remains on the vector ports.
 #include "common/simd.h"
 
 #if METAL_MARLIN_X86
+
+#include <cpuid.h>
 
 #include <algorithm>
 #include <cstring>
@@ -22,6 +29,13 @@
 
 #define METAL_MARLIN_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define METAL_MARLIN_AMX \
+  __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace metal_marlin::cpu {
 namespace {
@@ -131,7 +145,7 @@ METAL_MARLIN_AVX512_VNNI void decode_tile(const QuantizedMatrix& w, int64_t n0, 
 
 // out rows of activation block rb (live rows), columns [n0, n0 + 8): the 8 x 16 micro-kernel over K.
 METAL_MARLIN_AVX512_VNNI void micro_kernel(const uint8_t* codes, const float* block_scales, const float* offsets,
-                                           Panels& p, int64_t rb, float acc_out[kTileRows][kRowBlock]) {
+                                           Panels& p, int64_t rb, float acc_out[][kRowBlock]) {
   const int64_t k = p.k, n_blocks = k / kBlockCodes;
   const int8_t* high = p.high_of(rb);
   const int8_t* low = p.low_of(rb);
@@ -169,8 +183,119 @@ METAL_MARLIN_AVX512_VNNI void micro_kernel(const uint8_t* codes, const float* bl
   for (int r = 0; r < kTileRows; ++r) _mm512_storeu_ps(acc_out[r], acc[r]);
 }
 
+
+// ---- AMX ----------------------------------------------------------------------------------------------
+
+constexpr int kAmxRows = 16;  // rows of W per tile (two decode_tile calls)
+
+// Tiles 0, 1 and 5, 6: high and low int32 sums [16 W rows][16 activation rows] (two sets); 2: weight
+// codes [16][32 bytes]; 3, 4: high and low activations [8 = 32 / 4][64 bytes]. The LDTILECFG operand (palette 1): byte 0
+// palette, bytes 16 + 2t: tile t's bytes per row, byte 48 + t: its rows.
+METAL_MARLIN_AMX void load_amx_config() {
+  alignas(64) uint8_t cfg[64] = {};
+  cfg[0] = 1;
+  const auto set = [&cfg](int tile, int rows, int bytes_per_row) {
+    cfg[16 + 2 * tile] = uint8_t(bytes_per_row);
+    cfg[16 + 2 * tile + 1] = uint8_t(bytes_per_row >> 8);
+    cfg[48 + tile] = uint8_t(rows);
+  };
+  set(0, 16, 64);
+  set(1, 16, 64);
+  set(2, 16, 32);
+  set(3, 8, 64);
+  set(4, 8, 64);
+  set(5, 16, 64);
+  set(6, 16, 64);
+  // GCC's _tile_loadconfig does not tell the optimizer it reads the buffer: keep the stores.
+  asm volatile("" : : "r"(cfg) : "memory");
+  _tile_loadconfig(cfg);
+}
+
+// The int32 sums of one 32-block into sum_high/sum_low through sum tiles HIGH, LOW. A macro: GCC's tile
+// intrinsics paste the tile number into the instruction text, so it must be a literal.
+#define METAL_MARLIN_AMX_BLOCK(HIGH, LOW, codes, k, high, low, sum_high, sum_low) \
+  do {                                                                            \
+    _tile_zero(HIGH);                                                             \
+    _tile_zero(LOW);                                                              \
+    _tile_loadd(2, codes, k);                                                     \
+    _tile_loadd(3, high, 64);                                                     \
+    _tile_loadd(4, low, 64);                                                      \
+    _tile_dpbusd(HIGH, 2, 3);                                                     \
+    _tile_dpbusd(LOW, 2, 4);                                                      \
+    _tile_stored(HIGH, sum_high, 64);                                             \
+    _tile_stored(LOW, sum_low, 64);                                               \
+  } while (0)
+
+// 16 W rows x 16 activation rows of block rb into acc_out[W row][activation row].
+METAL_MARLIN_AMX void amx_kernel(const uint8_t* codes, const float* block_scales, const float* offsets, Panels& p,
+                                 int64_t rb, float acc_out[kAmxRows][kRowBlock]) {
+  const int64_t k = p.k, n_blocks = k / kBlockCodes;
+  const int8_t* high = p.high_of(rb);
+  const int8_t* low = p.low_of(rb);
+  const float* d = p.scales_of(rb);
+  alignas(64) int32_t sum_high[2][kAmxRows][kRowBlock], sum_low[2][kAmxRows][kRowBlock];
+  __m512 acc[kAmxRows];
+  for (int r = 0; r < kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
+  // Block b's sums go to set b % 2 (tiles 0, 1 or 5, 6), so that the tile unit computes block b + 1
+  // while the vector unit scales block b.
+  for (int64_t b = 0; b <= n_blocks; ++b) {
+    if (b < n_blocks) {
+      const uint8_t* a = codes + b * kBlockCodes;
+      const int8_t *h = high + b * kBlockCodes * kRowBlock, *l = low + b * kBlockCodes * kRowBlock;
+      if (b & 1) {
+        METAL_MARLIN_AMX_BLOCK(5, 6, a, k, h, l, sum_high[1], sum_low[1]);
+      } else {
+        METAL_MARLIN_AMX_BLOCK(0, 1, a, k, h, l, sum_high[0], sum_low[0]);
+      }
+    }
+    if (b == 0) continue;
+    const int64_t prev = b - 1;  // scale the previous block
+    const int set = int(prev & 1);
+    const __m512 db = _mm512_load_ps(d + prev * kRowBlock);
+#pragma GCC unroll 16
+    for (int r = 0; r < kAmxRows; ++r) {
+      const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sum_high[set][r]), 8),
+                                            _mm512_load_si512(sum_low[set][r]));
+      const __m512 scale = _mm512_mul_ps(db, _mm512_set1_ps(block_scales[r * n_blocks + prev]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+    }
+  }
+  const float* sums = p.sums_of(rb);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const __m512 xg = _mm512_load_ps(sums + g * kRowBlock);
+    for (int r = 0; r < kAmxRows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(offsets[r * p.groups + g]), xg, acc[r]);
+  }
+  for (int r = 0; r < kAmxRows; ++r) _mm512_storeu_ps(acc_out[r], acc[r]);
+}
+
+bool request_amx_state() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+// out[row0 + r, n0 + c] = tile[c][r] (+ bias) for r < live, c < cols.
+void store_tile(const MatmulArgs& args, int64_t row0, int64_t live, int64_t n0, int64_t cols,
+                const float tile[][kRowBlock]) {
+  if (args.dtype == DType::kFloat32 && !args.bias) {  // the common case, without store_outputs' per-element dispatch
+    float* out = static_cast<float*>(args.out) + row0 * args.w.n + n0;
+    for (int64_t r = 0; r < live; ++r) {
+      for (int64_t c = 0; c < cols; ++c) out[r * args.w.n + c] = tile[c][r];
+    }
+    return;
+  }
+  float values[kAmxRows];
+  for (int64_t r = 0; r < live; ++r) {
+    for (int64_t c = 0; c < cols; ++c) values[c] = tile[c][r];
+    store_outputs(args, row0 + r, n0, cols, values);
+  }
+}
+
 template <Format F>
-void gemm(const MatmulArgs& args) {
+void gemm(const MatmulArgs& args, bool amx) {
   const QuantizedMatrix& w = args.w;
   const int64_t k = w.k, groups = w.groups_per_row(), n_blocks = w.blocks_per_row();
   const int64_t n_tiles = (w.n + kTileRows - 1) / kTileRows;
@@ -203,25 +328,29 @@ void gemm(const MatmulArgs& args) {
     parallel_for(plan_threads(args.n_threads, n_tasks), n_tasks, [&](int64_t task, int) {
       thread_local AlignedBuffer<uint8_t> codes;
       thread_local AlignedFloats scales, offsets;
-      codes.reserve_zeroed(kTileRows * k);
-      scales.reserve_zeroed(kTileRows * n_blocks);
-      offsets.reserve_zeroed(kTileRows * groups);
+      codes.reserve_zeroed(kAmxRows * k);
+      scales.reserve_zeroed(kAmxRows * n_blocks);
+      offsets.reserve_zeroed(kAmxRows * groups);
+      if (amx) load_amx_config();  // per thread; cheap next to a task
       const int64_t split = task % splits;
-      const int64_t first_tile = task / splits * kTilesPerTask;
-      const int64_t end_tile = std::min(n_tiles, first_tile + kTilesPerTask);
-      alignas(64) float tile_out[kTileRows][kRowBlock];
-      for (int64_t tile = first_tile; tile < end_tile; ++tile) {
-        const int64_t n0 = tile * kTileRows;
-        decode_tile<F>(w, n0, codes.data(), scales.data(), offsets.data());
-        const int64_t cols = std::min<int64_t>(kTileRows, w.n - n0);
+      // With AMX a task's two 8-row tiles are one 16-row tile.
+      const int64_t tile_rows = amx ? kAmxRows : kTileRows;
+      const int64_t n_begin = task / splits * kTilesPerTask * kTileRows;
+      const int64_t n_end = std::min(w.n, n_begin + kTilesPerTask * kTileRows);
+      alignas(64) float tile_out[kAmxRows][kRowBlock];
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += tile_rows) {
+        for (int64_t half = 0; half < tile_rows; half += kTileRows) {
+          decode_tile<F>(w, n0 + half, codes.data() + half * k, scales.data() + half * n_blocks,
+                         offsets.data() + half * groups);
+        }
+        const int64_t cols = std::min(tile_rows, w.n - n0);
         for (int64_t rb = p->blocks * split / splits; rb < p->blocks * (split + 1) / splits; ++rb) {
-          micro_kernel(codes.data(), scales.data(), offsets.data(), *p, rb, tile_out);
-          const int64_t live = std::min(kRowBlock, rows - rb * kRowBlock);
-          float values[kTileRows];
-          for (int64_t r = 0; r < live; ++r) {
-            for (int64_t c = 0; c < cols; ++c) values[c] = tile_out[c][r];
-            store_outputs(args, m0 + rb * kRowBlock + r, n0, cols, values);
+          if (amx) {
+            amx_kernel(codes.data(), scales.data(), offsets.data(), *p, rb, tile_out);
+          } else {
+            micro_kernel(codes.data(), scales.data(), offsets.data(), *p, rb, tile_out);
           }
+          store_tile(args, m0 + rb * kRowBlock, std::min(kRowBlock, rows - rb * kRowBlock), n0, cols, tile_out);
         }
       }
     });
@@ -230,9 +359,19 @@ void gemm(const MatmulArgs& args) {
 
 }  // namespace
 
-void quant_matmul_vnni_gemm(const MatmulArgs& args) {
-  if (args.w.format == Format::kInt4) return gemm<Format::kInt4>(args);
-  gemm<Format::kInt8>(args);
+bool cpu_has_amx_int8() {
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);  // CPUID.(7,0):EDX AMX-TILE, AMX-INT8
+    return tile && int8 && cpu_has_avx512_vnni() && request_amx_state();
+  }();
+  return has;
+}
+
+void quant_matmul_vnni_gemm(const MatmulArgs& args, bool amx) {
+  if (args.w.format == Format::kInt4) return gemm<Format::kInt4>(args, amx);
+  gemm<Format::kInt8>(args, amx);
 }
 
 }  // namespace metal_marlin::cpu

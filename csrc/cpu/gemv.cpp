@@ -10,7 +10,7 @@
 namespace metal_marlin::cpu {
 
 bool gemv_uses_vnni(SimdLevel level, Format format) {
-  return level == SimdLevel::kAvx512Vnni && (format == Format::kInt4 || format == Format::kInt8);
+  return level >= SimdLevel::kAvx512Vnni && (format == Format::kInt4 || format == Format::kInt8);
 }
 
 bool gemv_prepared_for(const GemvActivations& a, const QuantizedMatrix& w) {
@@ -27,6 +27,7 @@ void prepare_gemv(const QuantizedMatrix& w, const float* x, int64_t m, GemvActiv
   a.vnni = gemv_uses_vnni(a.level, w.format);
   switch (a.level) {
 #if METAL_MARLIN_X86
+    case SimdLevel::kAvx512Amx:
     case SimdLevel::kAvx512Vnni:
       if (a.vnni) return prepare_gemv_vnni(w, x, m, a.ints);
       return prepare_gemv_avx512(w, x, m, a.floats);
@@ -42,6 +43,7 @@ void prepare_gemv(const QuantizedMatrix& w, const float* x, int64_t m, GemvActiv
 void gemv_rows(const QuantizedMatrix& w, const GemvActivations& a, int64_t row_begin, int64_t row_end, float* out) {
   switch (a.level) {
 #if METAL_MARLIN_X86
+    case SimdLevel::kAvx512Amx:
     case SimdLevel::kAvx512Vnni:
       if (a.vnni) return gemv_rows_vnni(w, a.ints, a.m, row_begin, row_end, out);
       return gemv_rows_avx512(w, a.floats, a.m, row_begin, row_end, out);

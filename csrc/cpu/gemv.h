@@ -4,7 +4,7 @@
 // activations are converted once per input and every thread reads the same prepared copy.
 //
 // Paths (current_simd_level()):
-//   avx512_vnni, int4/int8 weights: integer dot products (vpdpbusd) of the weight codes with the
+//   avx512_amx / avx512_vnni, int4/int8 weights: integer dot products (vpdpbusd) of the weight codes with the
 //     activations as 16-bit fixed point per 32-block (gemv_vnni.cpp; docs/kernels.md gives the bound);
 //   avx512 / avx2 (and the other formats): the float GEMV of group_gemv.h, exact float32 products;
 //   scalar: the portable dequantize-and-dot.
@@ -54,10 +54,12 @@ void gemv_rows(const QuantizedMatrix& w, const GemvActivations& a, int64_t row_b
 // quant_matmul on the integer path for int4/int8 (dispatch.cpp routes it here): the GEMV for m <= 16,
 // the GEMM of gemm_vnni.cpp above, with the same activation rounding.
 void quant_matmul_vnni_gemv(const MatmulArgs& args);
-void quant_matmul_vnni_gemm(const MatmulArgs& args);
+void quant_matmul_vnni_gemm(const MatmulArgs& args, bool amx);
 
 // The paths behind them (gemv_vnni.cpp; kernels_avx512.cpp / kernels_avx2.cpp for the float GEMV).
 bool cpu_has_avx512_vnni();
+// AMX-TILE and AMX-INT8, and the OS granted this process the tile state (asked once, on first call).
+bool cpu_has_amx_int8();
 void prepare_gemv_vnni(const QuantizedMatrix& w, const float* x, int64_t m, VnniActivations& a);
 void gemv_rows_vnni(const QuantizedMatrix& w, const VnniActivations& a, int64_t m, int64_t row_begin,
                     int64_t row_end, float* out);

@@ -23,14 +23,17 @@ struct MatmulArgs {
 
 // The kernel paths, slowest to fastest. The process starts on the best one the CPU supports;
 // set_simd_level switches (tests run every path in one process, benchmarks compare them).
-// kAvx512Vnni is kAvx512 plus the integer GEMV and GEMM of gemv_vnni.cpp / gemm_vnni.cpp for int4/int8.
-enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni };
+// kAvx512Vnni is kAvx512 plus the integer GEMV and GEMM of gemv_vnni.cpp / gemm_vnni.cpp for int4/int8;
+// kAvx512Amx runs that GEMM's tiles on the AMX-INT8 unit (Sapphire Rapids and later, when the OS grants
+// the tile state).
+enum class SimdLevel { kScalar, kAvx2, kAvx512, kAvx512Vnni, kAvx512Amx };
 
 SimdLevel best_simd_level();          // what this CPU (and OS) can run
 SimdLevel current_simd_level();       // the path in effect
 const char* simd_level_name(SimdLevel level);
 const char* simd_level();             // name of the path in effect
-// Sets the path by name ("auto" = best_simd_level(), "avx512_vnni", "avx512", "avx2", "scalar") and returns the
+// Sets the path by name ("auto" = best_simd_level(), "avx512_amx", "avx512_vnni", "avx512", "avx2", "scalar") and
+// returns the
 // previous name. Throws std::invalid_argument for an unknown name or a path this CPU cannot run.
 std::string set_simd_level(const std::string& name);
 

@@ -63,6 +63,7 @@ Simd simd() {
   static const Simd best = detect();
   Simd cap = Simd::kScalar;
   switch (current_simd_level()) {
+    case SimdLevel::kAvx512Amx:
     case SimdLevel::kAvx512Vnni:
     case SimdLevel::kAvx512: cap = Simd::kAvx512; break;
     case SimdLevel::kAvx2: cap = Simd::kAvx2; break;

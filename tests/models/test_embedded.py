@@ -92,7 +92,9 @@ def test_runtime_perplexity_equals_transformers(runtime_and_oracle):
     got = perplexity(ours, tokenizer, text, seq_len=256, max_tokens=1024)
     want = perplexity(oracle, tokenizer, text, seq_len=256, max_tokens=1024)
     assert got.n_targets == want.n_targets == 4 * 255
-    assert abs(got.mean_nll - want.mean_nll) < 1e-5, (got, want)
+    # The int4/int8 matmuls of the integer CPU paths round activations to 16-bit fixed point per 32-block
+    # (docs/kernels.md): measured 4e-5 nats here (perplexity 34.764 vs 34.766); float paths agree to 1e-5.
+    assert abs(got.mean_nll - want.mean_nll) < 1e-4, (got, want)
 
 
 def test_stream_text_matches_generate(runtime_and_oracle):

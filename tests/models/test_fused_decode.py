@@ -19,7 +19,7 @@ from metal_marlin.models.fused_decode import build_decoder_stack, unsupported_re
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nn"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
-from test_quant_matmul import SIMD_LEVELS  # noqa: E402
+from test_quant_matmul import INTEGER_LEVELS, SIMD_LEVELS  # noqa: E402
 from test_replace import dequantized_twin  # noqa: E402
 from tiny_models import build_model  # noqa: E402
 
@@ -85,7 +85,7 @@ def test_fused_steps_match_python_blocks_and_transformers(arch, layer_config, si
     fused, fused_cache = decode_steps(ours, ids, mask, 4, True, monkeypatch)
     python, python_cache = decode_steps(ours, ids, mask, 4, False, monkeypatch)
     real = mask.bool()
-    tol = VNNI_PATH_TOL if simd_level == "avx512_vnni" else FLOAT_PATH_TOL
+    tol = VNNI_PATH_TOL if simd_level in INTEGER_LEVELS else FLOAT_PATH_TOL
     torch.testing.assert_close(fused[real], python[real], **tol)
     torch.testing.assert_close(fused_cache.keys, python_cache.keys, **tol)
     torch.testing.assert_close(fused_cache.values, python_cache.values, **tol)

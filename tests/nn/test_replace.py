@@ -56,9 +56,9 @@ def test_logits_equal_dequantized_model(arch, fmt, group_size, token_ids):
         got = quantized(token_ids).logits
         want = twin(token_ids).logits
     assert torch.isfinite(got).all()
-    # int4/int8 on the avx512_vnni path: activations rounded to 16-bit fixed point per 32-block in every
-    # matmul (docs/kernels.md), a few 1e-4 on these logits after two layers.
-    integer = fmt in ("int4", "int8") and _core.simd_level() == "avx512_vnni"
+    # int4/int8 on the integer paths (avx512_vnni, avx512_amx): activations rounded to 16-bit fixed point
+    # per 32-block in every matmul (docs/kernels.md), a few 1e-4 on these logits after two layers.
+    integer = fmt in ("int4", "int8") and _core.simd_level() in ("avx512_vnni", "avx512_amx")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-4 if integer else 1e-4)
     assert "lm_head" in summary.kept_dense and "lm_head" not in summary.replaced
     assert summary.bytes_after < summary.bytes_before

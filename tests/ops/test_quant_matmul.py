@@ -26,7 +26,9 @@ BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "fp4": 4, "fp8": 8}
 TYPICAL_CODE_VALUE = {"int2": 2, "int3": 4, "int4": 8, "int8": 128, "fp4": 3, "fp8": 100}
 # Every kernel path this machine can run, best first: the conformance tests run on each of them in
 # this process (set_simd_level), so the portable scalar path is tested even on an AVX-512 machine.
-ALL_SIMD_LEVELS = ("avx512_vnni", "avx512", "avx2", "scalar")
+ALL_SIMD_LEVELS = ("avx512_amx", "avx512_vnni", "avx512", "avx2", "scalar")
+# The paths whose int4/int8 matmuls take integer activations (see vnni_slack).
+INTEGER_LEVELS = ("avx512_amx", "avx512_vnni")
 
 
 def available_simd_levels():
@@ -95,7 +97,8 @@ def spec_matmul(spec, name, x, packed, scales, offsets, bias, group_size):
     return y
 
 
-# The avx512_vnni GEMV and GEMM (int4/int8) round each activation to 16-bit fixed point per 32-block:
+# The integer GEMV and GEMM (int4/int8; avx512_vnni, avx512_amx) round each activation to 16-bit fixed
+# point per 32-block:
 # |error| <= max|x_b| / (2 * 32639) per element (csrc/cpu/gemv.h, docs/kernels.md).
 VNNI_RANGE = 32639
 
@@ -104,7 +107,7 @@ def vnni_slack(spec, name, x, packed, scales, offsets, group_size):
     """The activation-rounding bound sum_b max|x_b| / (2 * 32639) * sum_{i in b} |W[n, i]| of the integer
     kernels, elementwise like ``spec_matmul``'s result; 0 where the path in effect computes in float."""
     k = x.shape[-1]
-    if _core.simd_level() != "avx512_vnni" or name not in ("int4", "int8"):
+    if _core.simd_level() not in INTEGER_LEVELS or name not in ("int4", "int8"):
         return 0.0
     w = np.abs(spec.dequant(name, packed, scales, offsets, k, group_size)).reshape(-1, k // 32, 32).sum(-1)
     xb = np.abs(x.double().numpy()).reshape(*x.shape[:-1], k // 32, 32).max(-1) / (2 * VNNI_RANGE)

@@ -300,16 +300,20 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
 
   clock.mark(1);
 
+  // hidden += linear(input): o_proj and down_proj, rows over the threads.
+  const auto add_projection = [&](const DecoderLinear& linear, const LinearInput& input) {
+    const int64_t step = task_rows(linear), tasks = row_tasks(linear);
+    parallel_for(plan_threads(args.n_threads, tasks), tasks, [&](int64_t task, int) {
+      const int64_t begin = task * step, end = std::min(S.hidden, begin + step);
+      linear_rows(linear, input, begin, end, proj_.data());
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
+      }
+    });
+  };
+
   // o_proj + residual.
-  const auto o_in = prepare_inputs<1>({&L.o}, attn_.data(), B, o_in_, o_rotated_);
-  const int64_t o_step = task_rows(L.o), o_tasks = row_tasks(L.o);
-  parallel_for(plan_threads(args.n_threads, o_tasks), o_tasks, [&](int64_t task, int) {
-    const int64_t begin = task * o_step, end = std::min(S.hidden, begin + o_step);
-    linear_rows(L.o, o_in[0], begin, end, proj_.data());
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
-    }
-  });
+  add_projection(L.o, prepare_inputs<1>({&L.o}, attn_.data(), B, o_in_, o_rotated_)[0]);
 
   clock.mark(2);
 
@@ -336,15 +340,7 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
   clock.mark(3);
 
   // down_proj + residual.
-  const auto down_in = prepare_inputs<1>({&L.down}, act_.data(), B, down_in_, down_rotated_);
-  const int64_t down_step = task_rows(L.down), down_tasks = row_tasks(L.down);
-  parallel_for(plan_threads(args.n_threads, down_tasks), down_tasks, [&](int64_t task, int) {
-    const int64_t begin = task * down_step, end = std::min(S.hidden, begin + down_step);
-    linear_rows(L.down, down_in[0], begin, end, proj_.data());
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t r = begin; r < end; ++r) hidden[b * S.hidden + r] += proj_.data()[b * S.hidden + r];
-    }
-  });
+  add_projection(L.down, prepare_inputs<1>({&L.down}, act_.data(), B, down_in_, down_rotated_)[0]);
   clock.mark(4);
 }
 

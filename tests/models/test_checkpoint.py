@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from metal_marlin import (
     CheckpointError,
     TrellisForCausalLM,
+    _core,
     load_quantized_model,
     replace_linear_layers,
     save_quantized,
@@ -42,9 +43,12 @@ def logits(model) -> torch.Tensor:
 
 
 def assert_runtime_matches(loaded, model) -> None:
-    """``load_quantized_model`` returns our runtime: same weights, float32 rounding differences only."""
+    """``load_quantized_model`` returns our runtime: same weights, rounding differences only (float32, and on
+    the integer CPU paths the 16-bit activation rounding of the int4/int8 matmuls, which our runtime and
+    transformers' blocks, computing in a different order, can land on either side of; docs/kernels.md)."""
     assert isinstance(loaded, TrellisForCausalLM)
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
+    atol = 5e-4 if _core.simd_level() in ("avx512_vnni", "avx512_amx") else 1e-5
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(("fmt", "symmetric"), [("int2", None), ("int3", None), ("int4", None), ("int4", True),

@@ -231,7 +231,8 @@ def profile_main(threads: int, bandwidth: float, prompt: list[int], steps: int =
             cos, sin = (t.reshape(1, -1).contiguous() for t in model.model.rotary(positions, x.dtype))
             hidden = x.reshape(1, -1).contiguous()
             t2 = time.perf_counter()
-            stack.decode(hidden, cos, sin, cache.key_mask, cache.keys, cache.values, begin, scaling, threads, phases)
+            stack.decode(hidden, cos, sin, cache.keys, cache.values, torch.tensor([begin], dtype=torch.int32),
+                         key_mask=cache.key_mask, scaling=scaling, n_threads=threads, phase_seconds=phases)
             t3 = time.perf_counter()
             cache.end(one)
             normed = model.model.norm(hidden.view(1, 1, -1))

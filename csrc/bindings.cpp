@@ -271,8 +271,12 @@ class DecoderStackBinding {
     stack_.add_layer(w);
   }
 
-  void decode(const Tensor& hidden, const Tensor& cos, const Tensor& sin, const Tensor& key_mask, const Tensor& keys,
-              const Tensor& values, int64_t start, float scaling, int n_threads, const Tensor& phase_seconds) {
+  // A contiguous cache: keys/values [layers, batch, kv_heads, max_len, head_dim], key_mask [batch, max_len]
+  // (bool) or None. A paged cache: keys/values [layers, num_blocks, block_size, kv_heads, head_dim] and
+  // block_table [batch, width] (int32); every position before a sequence's new one is real.
+  void decode(const Tensor& hidden, const Tensor& cos, const Tensor& sin, const Tensor& keys, const Tensor& values,
+              const Tensor& positions, const Tensor& key_mask, const Tensor& block_table, float scaling, int n_threads,
+              const Tensor& phase_seconds) {
     constexpr const char* fn = "DecoderStack.decode";
     using Code = nb::dlpack::dtype_code;
     const mm::cpu::DecoderShape& S = stack_.shape();
@@ -285,40 +289,68 @@ class DecoderStackBinding {
       value_error(fn, "batch must be 1.." + std::to_string(mm::cpu::DecoderStack::kMaxBatch) + ", got " +
                           std::to_string(batch));
     }
-    check_dtype(fn, "key_mask", key_mask, Code::Bool, 8, "bool");
-    if (key_mask.ndim() != 2 || int64_t(key_mask.shape(0)) != batch) {
-      value_error(fn, "key_mask must be [batch, max_len], got " + shape_string(key_mask));
-    }
-    const int64_t max_len = int64_t(key_mask.shape(1));
     for (auto [name, t] : {std::pair{"cos", &cos}, std::pair{"sin", &sin}}) {
       check_dtype(fn, name, *t, Code::Float, 32, "float32");
       check_shape(fn, name, *t, {batch, S.head_dim});
     }
-    const std::vector<int64_t> cache_shape = {stack_.n_layers(), batch, S.kv_heads, max_len, S.head_dim};
     for (auto [name, t] : {std::pair{"keys", &keys}, std::pair{"values", &values}}) {
       check_dtype(fn, name, *t, Code::Float, 32, "float32");
-      check_shape(fn, name, *t, cache_shape);
+      if (t->ndim() != 5) value_error(fn, std::string(name) + " must be 5-D, got " + shape_string(*t));
     }
-    if (start < 0 || start >= max_len) {
-      value_error(fn, "start=" + std::to_string(start) + " must be in [0, " + std::to_string(max_len) + ")");
+    if (shape_of(keys) != shape_of(values)) {
+      value_error(fn, "keys " + shape_string(keys) + " and values " + shape_string(values) + " differ");
+    }
+    mm::cpu::KVLayout cache{static_cast<float*>(keys.data()), static_cast<float*>(values.data()), 0, nullptr};
+    if (block_table.is_valid()) {
+      check_dtype(fn, "block_table", block_table, Code::Int, 32, "int32");
+      if (block_table.ndim() != 2 || int64_t(block_table.shape(0)) != batch) {
+        value_error(fn, "block_table must be [batch, width], got " + shape_string(block_table));
+      }
+      cache.num_blocks = int64_t(keys.shape(1));
+      cache.block_size = int64_t(keys.shape(2));
+      check_shape(fn, "keys", keys, {stack_.n_layers(), cache.num_blocks, cache.block_size, S.kv_heads, S.head_dim});
+      cache.table_width = int64_t(block_table.shape(1));
+      cache.max_len = cache.table_width * cache.block_size;
+      cache.block_table = static_cast<const int32_t*>(block_table.data());
+      for (int64_t i = 0; i < batch * cache.table_width; ++i) {
+        if (cache.block_table[i] < 0 || cache.block_table[i] >= cache.num_blocks) {
+          value_error(fn, "block_table holds block " + std::to_string(cache.block_table[i]) + "; the pool has " +
+                              std::to_string(cache.num_blocks));
+        }
+      }
+      if (key_mask.is_valid()) value_error(fn, "a paged cache takes no key_mask");
+    } else {
+      cache.max_len = int64_t(keys.shape(3));
+      check_shape(fn, "keys", keys, {stack_.n_layers(), batch, S.kv_heads, cache.max_len, S.head_dim});
+      if (key_mask.is_valid()) {
+        check_dtype(fn, "key_mask", key_mask, Code::Bool, 8, "bool");
+        check_shape(fn, "key_mask", key_mask, {batch, cache.max_len});
+      }
+    }
+    check_dtype(fn, "positions", positions, Code::Int, 32, "int32");
+    check_shape(fn, "positions", positions, {batch});
+    const auto* pos = static_cast<const int32_t*>(positions.data());
+    for (int64_t b = 0; b < batch; ++b) {
+      if (pos[b] < 0 || pos[b] >= cache.max_len) {
+        value_error(fn, "positions[" + std::to_string(b) + "]=" + std::to_string(pos[b]) + " must be in [0, " +
+                            std::to_string(cache.max_len) + ")");
+      }
     }
     check_threads(fn, n_threads);
     if (phase_seconds.is_valid()) {
       check_dtype(fn, "phase_seconds", phase_seconds, Code::Float, 64, "float64");
       check_shape(fn, "phase_seconds", phase_seconds, {mm::cpu::kDecodePhases});
     }
-    const mm::cpu::DecodeStepArgs args{static_cast<float*>(hidden.data()),
-                                       static_cast<const float*>(cos.data()),
-                                       static_cast<const float*>(sin.data()),
-                                       static_cast<const uint8_t*>(key_mask.data()),
-                                       static_cast<float*>(keys.data()),
-                                       static_cast<float*>(values.data()),
-                                       batch,
-                                       max_len,
-                                       start,
-                                       scaling,
-                                       n_threads,
-                                       phase_seconds.is_valid() ? static_cast<double*>(phase_seconds.data()) : nullptr};
+    mm::cpu::DecodeStepArgs args{static_cast<float*>(hidden.data()),
+                                 static_cast<const float*>(cos.data()),
+                                 static_cast<const float*>(sin.data()),
+                                 cache,
+                                 pos,
+                                 key_mask.is_valid() ? static_cast<const uint8_t*>(key_mask.data()) : nullptr,
+                                 batch,
+                                 scaling,
+                                 n_threads,
+                                 phase_seconds.is_valid() ? static_cast<double*>(phase_seconds.data()) : nullptr};
     nb::gil_scoped_release release;
     stack_.decode(args);
   }
@@ -432,11 +464,15 @@ NB_MODULE(_core, m) {
            "Appends a layer: norms (float32) and 7 linears (name, packed, scales, offsets, bias, format, "
            "group_size) for q, k, v, o, gate, up, down.")
       .def("decode", &DecoderStackBinding::decode, "hidden"_a.noconvert(), "cos"_a.noconvert(), "sin"_a.noconvert(),
-           "key_mask"_a.noconvert(), "keys"_a.noconvert(), "values"_a.noconvert(), "start"_a, "scaling"_a,
-           "n_threads"_a, "phase_seconds"_a.noconvert().none() = nb::none(),
-           "One token per sequence through every layer, in place on hidden [batch, hidden]; writes the new "
-           "keys/values at cache position start. phase_seconds (float64 [5], optional): seconds per phase "
-           "(q/k/v, attention, o_proj, gate/up, down) are added to it.")
+           "keys"_a.noconvert(), "values"_a.noconvert(), "positions"_a.noconvert(),
+           "key_mask"_a.noconvert().none() = nb::none(), "block_table"_a.noconvert().none() = nb::none(),
+           "scaling"_a = 1.0f, "n_threads"_a = 1, "phase_seconds"_a.noconvert().none() = nb::none(),
+           "One token per sequence through every layer, in place on hidden [batch, hidden]. Sequence b's "
+           "token goes to cache position positions[b] (int32) and attends to the positions before it. keys/"
+           "values: a contiguous cache [layers, batch, kv_heads, max_len, head_dim] with an optional key_mask "
+           "[batch, max_len] (bool) of real positions, or a paged pool [layers, num_blocks, block_size, "
+           "kv_heads, head_dim] with block_table [batch, width] (int32). phase_seconds (float64 [5], "
+           "optional): seconds per phase (q/k/v, attention, o_proj, gate/up, down) are added to it.")
       .def_prop_ro("n_layers", &DecoderStackBinding::n_layers);
 
   m.def("simd_level", &mm::cpu::simd_level,

@@ -35,19 +35,27 @@ METAL_MARLIN_AVX512 void axpy_avx512(float alpha, const float* x, int64_t n, flo
 }
 #endif
 
+// The cached rows of one (layer, sequence, kv head): position s at base + offset(s).
+struct CachedRows {
+  const float* keys;
+  const float* values;
+  const KVLayout* layout;
+  int64_t layer, b, batch, kv_heads, h, hd;
+  int64_t offset(int64_t s) const { return layout->row(layer, b, batch, kv_heads, h, s, hd); }
+};
+
 #if METAL_MARLIN_X86
 // Attention of one query head with head_dim = 16 * C, the output accumulated in registers.
 template <int C>
-METAL_MARLIN_AVX512 void attend_head_avx512(const float* q, const float* keys, const float* values,
-                                            const uint8_t* mask, int64_t start, const float* k_new,
-                                            const float* v_new, float scaling, float* scores, float* out) {
-  constexpr int64_t hd = 16 * C;
+METAL_MARLIN_AVX512 void attend_head_avx512(const float* q, const CachedRows& rows, const uint8_t* mask,
+                                            int64_t start, const float* k_new, const float* v_new, float scaling,
+                                            float* scores, float* out) {
   __m512 qv[C];
   for (int c = 0; c < C; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scaling));
   float max_score = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < start; ++s) {
-    if (!mask[s]) continue;
-    const float* k = keys + s * hd;
+    if (mask && !mask[s]) continue;
+    const float* k = rows.keys + rows.offset(s);
     __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
     for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
     scores[s] = _mm512_reduce_add_ps(acc);
@@ -62,11 +70,12 @@ METAL_MARLIN_AVX512 void attend_head_avx512(const float* q, const float* keys, c
   float total = p_own;
   for (int c = 0; c < C; ++c) acc[c] = _mm512_mul_ps(_mm512_set1_ps(p_own), _mm512_loadu_ps(v_new + 16 * c));
   for (int64_t s = 0; s < start; ++s) {
-    if (!mask[s]) continue;
+    if (mask && !mask[s]) continue;
     const float p = std::exp(scores[s] - max_score);
     total += p;
     const __m512 pv = _mm512_set1_ps(p);
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(values + s * hd + 16 * c), acc[c]);
+    const float* v = rows.values + rows.offset(s);
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16 * c), acc[c]);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / total);
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
@@ -212,42 +221,41 @@ void DecoderStack::rms_norm(const float* x, const float* weight, int64_t rows, f
   }
 }
 
-// Query head `head` of sequence b: its new key/value are q_/k_/v_ (rotated in place by the first
-// query head of the group, which also writes them to the cache); attention over the cached
-// positions [0, start) the mask allows and the new one.
+// Query head `head` of sequence b: its new key/value are q_/k_/v_ (rotated in place before, and
+// already written to the cache); attention over the cached positions before it (those the mask allows)
+// and the new one.
 void DecoderStack::attend(const DecodeStepArgs& args, int64_t layer, int64_t b, int64_t head, float* scores) {
   const int64_t hd = shape_.head_dim, group = shape_.heads / shape_.kv_heads, kv = head / group;
   const bool avx512 = vector_loops_avx512();
   const float* q = q_.data() + (b * shape_.heads + head) * hd;
   const float* k_new = k_.data() + (b * shape_.kv_heads + kv) * hd;
   const float* v_new = v_.data() + (b * shape_.kv_heads + kv) * hd;
-  const int64_t cache_row = ((layer * args.batch + b) * shape_.kv_heads + kv) * args.max_len;
-  const float* keys = args.keys + cache_row * hd;
-  const float* values = args.values + cache_row * hd;
-  const uint8_t* mask = args.key_mask + b * args.max_len;
+  const CachedRows rows{args.cache.keys, args.cache.values, &args.cache, layer, b, args.batch, shape_.kv_heads, kv, hd};
+  const uint8_t* mask = args.key_mask ? args.key_mask + b * args.cache.max_len : nullptr;
+  const int64_t start = args.positions[b];
   float* out = attn_.data() + (b * shape_.heads + head) * hd;
 #if METAL_MARLIN_X86
   if (avx512 && (hd == 64 || hd == 128)) {
     const auto run = hd == 64 ? attend_head_avx512<4> : attend_head_avx512<8>;
-    return run(q, keys, values, mask, args.start, k_new, v_new, args.scaling, scores, out);
+    return run(q, rows, mask, start, k_new, v_new, args.scaling, scores, out);
   }
 #endif
 
   float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t s = 0; s < args.start; ++s) {
-    if (!mask[s]) continue;
-    scores[s] = dot(q, keys + s * hd, hd, avx512) * args.scaling;
+  for (int64_t s = 0; s < start; ++s) {
+    if (mask && !mask[s]) continue;
+    scores[s] = dot(q, rows.keys + rows.offset(s), hd, avx512) * args.scaling;
     max_score = std::max(max_score, scores[s]);
   }
   const float own = dot(q, k_new, hd, avx512) * args.scaling;
   max_score = std::max(max_score, own);
   std::fill_n(out, hd, 0.0f);
   float total = 0.0f;
-  for (int64_t s = 0; s < args.start; ++s) {
-    if (!mask[s]) continue;
+  for (int64_t s = 0; s < start; ++s) {
+    if (mask && !mask[s]) continue;
     const float p = std::exp(scores[s] - max_score);
     total += p;
-    axpy(p, values + s * hd, hd, out, avx512);
+    axpy(p, rows.values + rows.offset(s), hd, out, avx512);
   }
   const float p_own = std::exp(own - max_score);
   total += p_own;
@@ -287,9 +295,9 @@ void DecoderStack::run_layer(const DecoderLayerWeights& L, int64_t index, const 
     for (int64_t h = 0; h < S.kv_heads; ++h) {
       float* k = k_.data() + (b * S.kv_heads + h) * hd;
       norm_and_rotate(k, hd, L.k_norm, S.eps, cos, sin);
-      const int64_t at = (((index * B + b) * S.kv_heads + h) * args.max_len + args.start) * hd;
-      std::copy_n(k, hd, args.keys + at);
-      std::copy_n(v_.data() + (b * S.kv_heads + h) * hd, hd, args.values + at);
+      const int64_t at = args.cache.row(index, b, B, S.kv_heads, h, args.positions[b], hd);
+      std::copy_n(k, hd, args.cache.keys + at);
+      std::copy_n(v_.data() + (b * S.kv_heads + h) * hd, hd, args.cache.values + at);
     }
   }
   const int64_t n_heads = B * S.heads;
@@ -357,7 +365,7 @@ void DecoderStack::decode(const DecodeStepArgs& args) {
   gate_up_.reserve_zeroed(2 * B * S.intermediate);
   const int threads = plan_threads(args.n_threads, B * S.heads);
   if (int(scores_.size()) < threads) scores_.resize(size_t(threads));
-  for (auto& s : scores_) s.reserve_zeroed(args.max_len);
+  for (auto& s : scores_) s.reserve_zeroed(args.cache.max_len);
   for (int64_t i = 0; i < n_layers(); ++i) run_layer(layers_[size_t(i)], i, args);
 }
 

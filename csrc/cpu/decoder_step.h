@@ -60,15 +60,36 @@ struct DecoderShape {
   float eps;
 };
 
-// One step's inputs: `batch` sequences, one new token each, written at cache position `start`.
+// Where a layer's cached key/value rows live: a contiguous cache ([layers, batch, kv_heads, max_len,
+// head_dim], models/cache.py KVCache) or a paged one ([layers, num_blocks, block_size, kv_heads,
+// head_dim] with a block table per sequence, models/paged_cache.py).
+struct KVLayout {
+  float* keys;
+  float* values;
+  int64_t max_len;              // contiguous: positions per sequence; paged: table_width * block_size
+  const int32_t* block_table;   // paged: [batch, table_width] block ids; nullptr: contiguous
+  int64_t table_width = 0, block_size = 0, num_blocks = 0;
+
+  // Offset (in floats) of the row of (layer, sequence b, kv head h, position s).
+  int64_t row(int64_t layer, int64_t b, int64_t batch, int64_t kv_heads, int64_t h, int64_t s, int64_t hd) const {
+    if (!block_table) return (((layer * batch + b) * kv_heads + h) * max_len + s) * hd;
+    const int64_t block = block_table[b * table_width + s / block_size];
+    return (((layer * num_blocks + block) * block_size + s % block_size) * kv_heads + h) * hd;
+  }
+  // Floats between the rows of consecutive positions within a block (a contiguous cache: one block).
+  int64_t position_stride(int64_t kv_heads, int64_t hd) const { return block_table ? kv_heads * hd : hd; }
+};
+
+// One step's inputs: `batch` sequences, one new token each; sequence b's token goes to position
+// positions[b] and attends to the cached positions before it (those key_mask allows, if given) and itself.
 struct DecodeStepArgs {
   float* hidden;             // [batch, hidden]: the embeddings in, the last layer's output out
   const float* cos;          // [batch, head_dim] rotary tables of the new tokens
   const float* sin;
-  const uint8_t* key_mask;   // [batch, max_len]: cached positions holding real tokens (bool)
-  float* keys;               // [layers, batch, kv_heads, max_len, head_dim]
-  float* values;
-  int64_t batch, max_len, start;
+  KVLayout cache;
+  const int32_t* positions;  // [batch]
+  const uint8_t* key_mask;   // [batch, cache.max_len] (bool) or nullptr: every earlier position is real
+  int64_t batch;
   float scaling;             // softmax scale
   int n_threads;
   // If not null, seconds spent per phase are added to it: [0] q/k/v, [1] attention (norms, RoPE, cache

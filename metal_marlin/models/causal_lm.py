@@ -22,7 +22,7 @@ from ..nn import QUANTIZED_MODULES, DenseExperts, GroupedExperts, QuantizedEmbed
 from .attention import GQAAttention, MLAAttention
 from .cache import CacheState, KVCache, MLACache
 from .checkpoint import load_transformers_checkpoint
-from .fused_decode import build_decoder_stack, decode_fused, runs_fused, unsupported_reason
+from .fused_decode import build_decoder_stack, cache_identity, decode_fused, runs_fused, unsupported_reason
 from .layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from .loading import load_transformers_model
 from .moe import MoEBlock, SigmoidGroupRouter, SoftmaxRouter
@@ -234,13 +234,14 @@ class TrellisForCausalLM(nn.Module):
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
 
-    def _decoder_stack_for(self, cache: CacheState):
+    def _decoder_stack_for(self, cache: CacheState | PagedStep):
         """The fused decode step (``models/fused_decode.py``) for steps into ``cache``, or None when this
         model cannot run it. Built once per cache, i.e. per generation, so modules replaced between
         generations are picked up."""
-        if self._decoder_stack is None or self._decoder_stack[0]() is not cache:
+        owner = cache_identity(cache)
+        if self._decoder_stack is None or self._decoder_stack[0]() is not owner:
             stack = build_decoder_stack(self) if unsupported_reason(self) is None else None
-            self._decoder_stack = (weakref.ref(cache), stack)
+            self._decoder_stack = (weakref.ref(owner), stack)
         return self._decoder_stack[1]
 
     # -- generation ------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ every layer in C++ (``csrc/cpu/decoder_step.h``), with the same GEMV kernels as 
 
 It serves dense GQA models (llama, qwen2, qwen3) whose seven projections are quantized
 (``MetalQuantizedLinear`` in any group format, or ``TrellisLinear``), in float32 on the CPU, for steps
-of one token per sequence (up to ``MAX_BATCH`` sequences) into a ``KVCache``. Everything else goes
-through the Python blocks, which remain the reference the tests compare this path with.
+of one token per sequence (up to ``MAX_BATCH`` sequences) into a ``KVCache`` or a GQA ``PagedKVCache`` (the
+server's decode steps). Everything else goes through the Python blocks, which remain the reference the
+tests compare this path with.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..nn import MetalQuantizedLinear, TrellisLinear
 from .attention import GQAAttention
 from .cache import KVCache
 from .layers import SwiGLUMLP
+from .paged_cache import PagedStep
 
 MAX_BATCH = 8
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -76,15 +78,32 @@ def build_decoder_stack(model) -> _core.DecoderStack:
 
 def runs_fused(cache, batch: int, steps: int) -> bool:
     """Whether a forward of ``steps`` tokens for ``batch`` sequences into ``cache`` has the fused step's
-    shape: one token per sequence, a ``KVCache``, no autograd (the model itself is checked once per cache)."""
-    return steps == 1 and batch <= MAX_BATCH and type(cache) is KVCache and not torch.is_grad_enabled()
+    shape: one token per sequence, a ``KVCache`` or a GQA paged step, no autograd (the model itself is
+    checked once per cache)."""
+    if steps != 1 or batch > MAX_BATCH or torch.is_grad_enabled():
+        return False
+    return type(cache) is KVCache or (isinstance(cache, PagedStep) and not cache.cache.is_latent)
 
 
-def decode_fused(stack: _core.DecoderStack, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
-                 start: int, scaling: float) -> torch.Tensor:
+def cache_identity(cache):
+    """What a decoder stack is built for: the cache itself, or the pool behind a paged step (a new
+    ``PagedStep`` comes with every step)."""
+    return cache.cache if isinstance(cache, PagedStep) else cache
+
+
+def decode_fused(stack: _core.DecoderStack, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 cache: KVCache | PagedStep, start: int, scaling: float) -> torch.Tensor:
     """Every layer for ``x [B, 1, hidden]`` (the embeddings); returns the last layer's output."""
     batch, _, hidden = x.shape
     h = x.reshape(batch, hidden).contiguous()
     cos, sin = (t.reshape(batch, -1).contiguous() for t in rope)
-    stack.decode(h, cos, sin, cache.key_mask, cache.keys, cache.values, start, scaling, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if isinstance(cache, PagedStep):
+        positions = cache.positions[:, 0].to(torch.int32)
+        stack.decode(h, cos, sin, cache.cache.keys, cache.cache.values, positions, block_table=cache.block_table,
+                     scaling=scaling, n_threads=threads)
+    else:
+        positions = torch.full((batch,), start, dtype=torch.int32)
+        stack.decode(h, cos, sin, cache.keys, cache.values, positions, key_mask=cache.key_mask, scaling=scaling,
+                     n_threads=threads)
     return h.view(batch, 1, hidden)

@@ -145,23 +145,39 @@ def test_decoder_stack_rejects_bad_input():
     rope = torch.zeros(1, head_dim)
     mask = torch.ones(1, 8, dtype=torch.bool)
     cache = torch.zeros(c.num_hidden_layers, 1, c.num_key_value_heads, 8, head_dim)
+    pos = torch.zeros(1, dtype=torch.int32)
+
+    def decode(h=hidden, kv=cache, positions=pos, **kwargs):
+        kwargs = {"key_mask": mask, "scaling": 1.0, "n_threads": 1, **kwargs}
+        stack.decode(h, rope, rope, kv, kv, positions, **kwargs)
+
     with pytest.raises(ValueError, match="hidden must be"):
-        stack.decode(torch.zeros(1, c.hidden_size + 1), rope, rope, mask, cache, cache, 0, 1.0, 1)
+        decode(h=torch.zeros(1, c.hidden_size + 1))
     with pytest.raises(ValueError, match="keys must have shape"):
-        stack.decode(hidden, rope, rope, mask, cache[:1], cache, 0, 1.0, 1)
-    with pytest.raises(ValueError, match="start=8"):
-        stack.decode(hidden, rope, rope, mask, cache, cache, 8, 1.0, 1)
+        decode(kv=torch.zeros(c.num_hidden_layers, 1, c.num_key_value_heads, 8, head_dim + 1))
+    with pytest.raises(ValueError, match=r"keys .* and values .* differ"):
+        stack.decode(hidden, rope, rope, cache[:1], cache, pos, key_mask=mask)
+    with pytest.raises(ValueError, match=r"positions\[0\]=8 must be in \[0, 8\)"):
+        decode(positions=torch.full((1,), 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="positions must be int32"):
+        decode(positions=torch.zeros(1, dtype=torch.int64))
     with pytest.raises(TypeError, match="key_mask must be bool"):
-        stack.decode(hidden, rope, rope, mask.float(), cache, cache, 0, 1.0, 1)
+        decode(key_mask=mask.float())
     with pytest.raises(ValueError, match="batch must be 1..8"):
-        stack.decode(torch.zeros(9, c.hidden_size), rope, rope, mask, cache, cache, 0, 1.0, 1)
+        decode(h=torch.zeros(9, c.hidden_size))
     with pytest.raises(ValueError, match="n_threads"):
-        stack.decode(hidden, rope, rope, mask, cache, cache, 0, 1.0, 0)
+        decode(n_threads=0)
     with pytest.raises(TypeError, match="phase_seconds must be float64"):
-        stack.decode(hidden, rope, rope, mask, cache, cache, 0, 1.0, 1, torch.zeros(5))
+        decode(phase_seconds=torch.zeros(5))
+    pool = torch.zeros(c.num_hidden_layers, 3, 4, c.num_key_value_heads, head_dim)
+    with pytest.raises(ValueError, match="block_table holds block 3; the pool has 3"):
+        stack.decode(hidden, rope, rope, pool, pool, pos, block_table=torch.tensor([[1, 3]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="a paged cache takes no key_mask"):
+        table = torch.ones(1, 2, dtype=torch.int32)
+        stack.decode(hidden, rope, rope, pool, pool, pos, key_mask=mask, block_table=table)
     phases = torch.zeros(5, dtype=torch.float64)
     start = time.perf_counter()
-    stack.decode(hidden, rope, rope, mask, cache, cache, 0, 1.0, 1, phases)
+    decode(phase_seconds=phases)
     wall = time.perf_counter() - start
     assert (phases > 0).all() and phases.sum() <= wall
     layer = ours.model.layers[0]
@@ -178,3 +194,44 @@ def test_decoder_stack_rejects_bad_input():
         stack.add_layer(norm, norm[:-1], None, None, [wrong, *others])
     with pytest.raises(ValueError, match="7 entries"):
         stack.add_layer(norm, norm, None, None, others)
+
+
+def paged_decode(model, prompts: list[torch.Tensor], steps: int, fused: bool, monkeypatch):
+    """Prefill each prompt into its own blocks of a paged pool, then ``steps`` decode steps of the whole
+    batch (one token per sequence, greedy); the decode logits [steps, B, vocab] and the pool."""
+    pool = model.new_paged_cache(num_blocks=32, block_size=4)
+    tables, lengths, tokens = [], [], []
+    with monkeypatch.context() as m, torch.inference_mode():
+        if not fused:
+            m.setattr(causal_lm, "runs_fused", lambda *args: False)
+        for ids in prompts:
+            blocks = pool.allocator.allocate(pool.blocks_for(len(ids) + steps))
+            logits = model(ids.unsqueeze(0), cache=pool.step([blocks], [0], len(ids)), logits_to_keep=1)
+            tables.append(blocks)
+            lengths.append(len(ids))
+            tokens.append(int(logits[0, -1].argmax()))
+        out = []
+        for _ in range(steps):
+            step = pool.step(tables, lengths, 1)
+            logits = model(torch.tensor(tokens).unsqueeze(1), cache=step, logits_to_keep=1)[:, -1]
+            if fused:
+                assert model._decoder_stack[1] is not None, "the paged step did not run fused"
+            out.append(logits)
+            tokens = logits.argmax(-1).tolist()
+            lengths = [n + 1 for n in lengths]
+    return torch.stack(out), pool
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_paged_decode_steps_match_python_blocks(arch, simd_level, monkeypatch):
+    """The server's decode steps (a PagedKVCache, sequences of different lengths) run fused too."""
+    torch.set_num_threads(2)
+    _, ours = quantized_pair(arch)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 320, (n,), generator=gen) for n in (3, 9, 6)]
+    fused, fused_pool = paged_decode(ours, prompts, 6, True, monkeypatch)
+    python, python_pool = paged_decode(ours, prompts, 6, False, monkeypatch)
+    tol = VNNI_PATH_TOL if simd_level in INTEGER_LEVELS else FLOAT_PATH_TOL
+    torch.testing.assert_close(fused, python, **tol)
+    torch.testing.assert_close(fused_pool.keys, python_pool.keys, **tol)
+    torch.testing.assert_close(fused_pool.values, python_pool.values, **tol)

@@ -159,19 +159,22 @@ def test_sixteen_concurrent_greedy_requests_equal_each_alone(server, client):
 def test_disconnect_mid_stream_frees_blocks(server):
     url, engine = server[0], server[1]
     tokens_before = metrics(url)["generated_tokens_total"]
-    body = {"model": MODEL, "prompt": "Tell me a long story about a dragon.", "max_tokens": 400, "stream": True}
+    # Greedy, and a prompt whose continuation runs past 400 tokens (a sampled one may hit EOS early and
+    # finish, freeing its blocks, before the client reads three chunks: decode is fast).
+    body = {"model": MODEL, "prompt": "Here is a list of the numbers from 1 to 200: 1, 2, 3, 4,", "max_tokens": 400,
+            "temperature": 0, "stream": True}
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(headers=headers, timeout=60) as http, http.stream("POST", url + "/v1/completions",
                                                                        json=body) as r:
-        received = 0
-        for line in r.iter_lines():
-            received += line.startswith("data: ")
-            if received == 3:
-                break
+        # Keep the line iterator alive while checking: closing it closes the response (a disconnect).
+        lines, received = r.iter_lines(), 0
+        while received < 3:
+            received += next(lines).startswith("data: ")
         held = metrics(url)
         prompt_ids = tuple(engine.tokenizer(body["prompt"]).input_ids)
         assert held["kv_blocks_used"] == engine.blocks_needed(GenerationRequest(prompt_ids, 400))
         assert held["running_requests"] == 1
+        lines.close()
     deadline = time.monotonic() + 30
     while (m := metrics(url))["kv_blocks_used"] != 0 or m["running_requests"] != 0:
         assert time.monotonic() < deadline, m

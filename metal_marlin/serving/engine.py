@@ -21,9 +21,10 @@ call then has the same shape whatever else is running, and the kernels treat the
 so a dense model's tokens for a request do not depend on the other requests (tests/serving checks this
 bit for bit). The CPU's quantized GEMV, torch's float32 GEMM and the reference paged attention round
 differently for different row counts or widths; this is what it takes to make them agree. MoE layers
-still group a step's tokens by expert, so MoE models are not batch-invariant. Without it, one pass holds
-all running rows, unpadded: faster at low concurrency, with logits that may differ in the last bits with
-the batch composition.
+still group a step's tokens by expert, so MoE models are not batch-invariant. Without it, the passes are
+not padded: faster at low concurrency, with logits that may differ in the last bits with the batch
+composition. Either way a pass holds at most ``DECODE_PASS_ROWS`` rows, the most the fused CPU decode
+step takes (models/fused_decode.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .text import IncrementalText
 
 log = logging.getLogger(__name__)
 
-DECODE_PASS_ROWS = 8  # the GEMV height of the quantized kernels (CPU and Metal)
+DECODE_PASS_ROWS = 8  # the GEMV height of the quantized kernels (CPU and Metal), the fused step's batch
 
 
 class QueueFullError(RuntimeError):
@@ -253,7 +254,7 @@ class Engine:
 
     def _decode(self) -> None:
         rows = list(self._running)
-        size = DECODE_PASS_ROWS if self.batch_invariant else len(rows)
+        size = DECODE_PASS_ROWS
         for first in range(0, len(rows), size):
             chunk = rows[first:first + size]
             pad = size - len(chunk) if self.batch_invariant else 0

@@ -26,9 +26,8 @@
 
 #include "cpu/gemv.h"
 #include "cpu/thread_pool.h"
+#include "cpu/vnni_activations.h"
 
-#define METAL_MARLIN_AVX512_VNNI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define METAL_MARLIN_AMX \
   __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
@@ -70,28 +69,14 @@ METAL_MARLIN_AVX512_VNNI void pack_block(const float* x, int64_t live, int64_t g
     std::fill_n(scales, n_blocks * kRowBlock, 0.0f);
     std::fill_n(sums, p.groups * kRowBlock, 0.0f);
   }
-  const __m512 range = _mm512_set1_ps(float(kVnniRange));
-  const __m512i hi_limit = _mm512_set1_epi32(kVnniRange), lo_limit = _mm512_set1_epi32(-kVnniRange);
   for (int64_t r = 0; r < live; ++r) {
     const float* row = x + r * k;
     for (int64_t b = 0; b < n_blocks; ++b) {
-      const __m512 v0 = _mm512_loadu_ps(row + b * kBlockCodes), v1 = _mm512_loadu_ps(row + b * kBlockCodes + 16);
-      const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      __m512i t[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-      float d = 0.0f;
-      if (max_abs > 0.0f) {
-        const __m512 inv = _mm512_div_ps(range, _mm512_set1_ps(max_abs));
-        t[0] = _mm512_max_epi32(lo_limit, _mm512_min_epi32(hi_limit, _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv))));
-        t[1] = _mm512_max_epi32(lo_limit, _mm512_min_epi32(hi_limit, _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))));
-        d = max_abs / float(kVnniRange);
-      }
-      scales[b * kRowBlock + r] = d;
+      __m512i t[2];
+      scales[b * kRowBlock + r] = quantize_block(row + b * kBlockCodes, t);
       for (int v = 0; v < 2; ++v) {
-        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(t[v], _mm512_set1_epi32(128)), 8);
-        const __m512i l = _mm512_sub_epi32(t[v], _mm512_slli_epi32(h, 8));
-        alignas(16) int8_t hb[16], lb[16];
-        _mm_store_si128(reinterpret_cast<__m128i*>(hb), _mm512_cvtepi32_epi8(h));
-        _mm_store_si128(reinterpret_cast<__m128i*>(lb), _mm512_cvtepi32_epi8(l));
+        int8_t hb[16], lb[16];
+        split_bytes(t[v], hb, lb);
         // Element kk of the block goes to [(k index) / 4][r][(k index) % 4].
         for (int j = 0; j < 16; ++j) {
           const int64_t kk = b * kBlockCodes + 16 * v + j;
@@ -101,10 +86,7 @@ METAL_MARLIN_AVX512_VNNI void pack_block(const float* x, int64_t live, int64_t g
       }
     }
     for (int64_t g = 0; g < p.groups; ++g) {
-      const int64_t end = std::min(k, (g + 1) * group_size);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t j = g * group_size; j < end; j += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(row + j));
-      sums[g * kRowBlock + r] = _mm512_reduce_add_ps(acc);
+      sums[g * kRowBlock + r] = group_sum(row, g * group_size, std::min(k, (g + 1) * group_size));
     }
   }
 }

@@ -25,9 +25,8 @@
 #include <cstring>
 
 #include "cpu/gemv.h"
+#include "cpu/vnni_activations.h"
 
-#define METAL_MARLIN_AVX512_VNNI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 namespace metal_marlin::cpu {
 namespace {
@@ -47,29 +46,6 @@ struct VnniLayout<Format::kInt8> {
   static constexpr int kBlocksPerChunk = 2;  // 32 bytes per block
   static constexpr int kPlanes = 2;          // high, low
 };
-
-// t for the 32 values of one block (two vectors of 16 int32), and its scale d.
-METAL_MARLIN_AVX512_VNNI inline float quantize_block(const float* x, __m512i t[2]) {
-  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
-  const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-  if (!(max_abs > 0.0f)) {  // all zero (NaN activations give NaN results on every path anyway)
-    t[0] = t[1] = _mm512_setzero_si512();
-    return 0.0f;
-  }
-  const __m512 inv = _mm512_set1_ps(float(kVnniRange) / max_abs);
-  const __m512i hi = _mm512_set1_epi32(kVnniRange), lo = _mm512_set1_epi32(-kVnniRange);
-  t[0] = _mm512_max_epi32(lo, _mm512_min_epi32(hi, _mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
-  t[1] = _mm512_max_epi32(lo, _mm512_min_epi32(hi, _mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
-  return max_abs / float(kVnniRange);
-}
-
-// 16 int32 lanes -> (high, low) int8 bytes with t = 256 * high + low.
-METAL_MARLIN_AVX512_VNNI inline void split_bytes(__m512i t, int8_t* high, int8_t* low) {
-  const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(t, _mm512_set1_epi32(128)), 8);
-  const __m512i l = _mm512_sub_epi32(t, _mm512_slli_epi32(h, 8));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm512_cvtepi32_epi8(h));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(low), _mm512_cvtepi32_epi8(l));
-}
 
 template <Format F>
 METAL_MARLIN_AVX512_VNNI void prepare(const QuantizedMatrix& w, const float* x, int64_t m, VnniActivations& a) {
@@ -111,12 +87,7 @@ METAL_MARLIN_AVX512_VNNI void prepare(const QuantizedMatrix& w, const float* x, 
       std::fill_n(scales + chunk * 16 + slot * kLanesPerBlock, kLanesPerBlock, 0.0f);
     }
     float* sums = a.group_sums.data() + i * groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t end = std::min(k, (g + 1) * w.group_size);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t j = g * w.group_size; j < end; j += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(row + j));
-      sums[g] = _mm512_reduce_add_ps(acc);
-    }
+    for (int64_t g = 0; g < groups; ++g) sums[g] = group_sum(row, g * w.group_size, std::min(k, (g + 1) * w.group_size));
   }
 }
 
